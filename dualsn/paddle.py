@@ -179,16 +179,7 @@ def _dim_1_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
-def _default_dim(layer) -> int:
-    return 1 if isinstance(layer, _dim_1_classes()) else 0
 
-
-def _numpy_dtype(dtype) -> np.dtype | None:
-    """The numpy dtype with the same bits as a paddle dtype, None if numpy has none (bf16)."""
-    try:
-        return np.dtype(str(dtype).replace("paddle.", ""))
-    except TypeError:
-        return None
 
 
 def _real_dtype(dtype):
@@ -199,9 +190,7 @@ def _initial_uv(weight, h: int, w: int, seed: int | None, eps: float):
     """Normalized initial u, v as tensors of the weight's dtype and place."""
     dtype = weight.dtype
     if seed is not None:
-        np_dtype = _numpy_dtype(dtype)
-        # bfloat16: numpy has no such type, so draw in float32 and let paddle round.
-        u0, v0 = _spec.init_uv(h, w, seed, np_dtype if np_dtype is not None else "float32", eps)
+        u0, v0 = _spec.init_uv(h, w, seed, _spec.init_dtype(str(dtype)), eps)
         return tuple(
             paddle.to_tensor(x, place=weight.place).astype(dtype) for x in (u0, v0)
         )
@@ -258,7 +247,7 @@ def spectral_norm(
     _spec.check_weight_shape(shape, name)
     if dim is None:
         # The layer's default describes its weight; a 1-D parameter (a bias) has only axis 0.
-        dim = _default_dim(layer) if len(shape) > 1 else 0
+        dim = _spec.default_dim(isinstance(layer, _dim_1_classes()), len(shape))
     dim = _spec.canonical_dim(dim, len(shape))
     exact = spec.is_exact_vector(len(shape))
     new_names = [name + "_orig"] + ([] if exact else [name + "_u", name + "_v"])

@@ -27,6 +27,8 @@ __all__ = [
     "VECTOR_MODES",
     "DEFAULT_DIM_1_LAYERS",
     "make_spec",
+    "default_dim",
+    "init_dtype",
     "canonical_dim",
     "check_weight_shape",
     "matrix_shape",
@@ -140,6 +142,14 @@ defaults to 0. With these defaults the W-matrix of a layer is the same matrix in
 frameworks, so u and v move between them unchanged."""
 
 
+def default_dim(is_dim_1_layer: bool, ndim: int) -> int:
+    """``dim`` when the user passes None: 1 for a layer in :data:`DEFAULT_DIM_1_LAYERS`, else 0.
+
+    A 1-D weight (a bias, a scale) has no axis 1, so it always gets 0.
+    """
+    return 1 if is_dim_1_layer and ndim > 1 else 0
+
+
 def make_spec(compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: float = 1e-12) -> Spec:
     """The preset ``compat`` with the user's ``n_power_iterations`` and ``eps``.
 
@@ -218,6 +228,16 @@ def normalize(x: np.ndarray, eps: float) -> np.ndarray:
     """N(x) = x / max(||x||, eps), in x's own precision."""
     norm = np.linalg.norm(x)
     return x / np.maximum(norm, np.asarray(eps, dtype=norm.dtype))
+
+
+def init_dtype(dtype_name: str) -> np.dtype:
+    """The numpy dtype :func:`init_uv` draws in for a framework dtype called ``dtype_name``
+    (``"float32"``, ``"torch.bfloat16"``, ``"paddle.complex64"``...).
+
+    Numpy has no bfloat16: such weights get float32 u, v, which the framework then rounds.
+    """
+    bare = str(dtype_name).rpartition(".")[2]
+    return np.dtype("float32" if bare == "bfloat16" else bare)
 
 
 def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:

@@ -104,23 +104,9 @@ def spectral_norm_forward(
 # The parametrization
 
 
-_NUMPY_DTYPES = {
-    torch.float16: np.float16,
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.complex64: np.complex64,
-    torch.complex128: np.complex128,
-}
-
-
 def _seeded_uv(h: int, w: int, seed: int, like: torch.Tensor, eps: float):
-    """u, v from ``spec.init_uv`` in the weight's dtype and device.
-
-    dtypes numpy lacks (bfloat16, ...) are drawn in float32 / complex64 and then cast.
-    """
-    fallback = np.complex64 if like.is_complex() else np.float32
-    np_dtype = _NUMPY_DTYPES.get(like.dtype, fallback)
-    u0, v0 = _spec.init_uv(h, w, seed, np_dtype, eps)
+    """u, v from ``spec.init_uv`` in the weight's dtype and device."""
+    u0, v0 = _spec.init_uv(h, w, seed, _spec.init_dtype(str(like.dtype)), eps)
     return tuple(torch.from_numpy(a).to(device=like.device, dtype=like.dtype) for a in (u0, v0))
 
 
@@ -242,12 +228,12 @@ def _sn_input(plist, index: int) -> torch.Tensor:
     return x
 
 
-def _default_dim(module: nn.Module) -> int:
+def _is_dim_1_layer(module: nn.Module) -> bool:
     for dotted in _spec.DEFAULT_DIM_1_LAYERS["torch"]:
         module_name, cls_name = dotted.rsplit(".", 1)
         if isinstance(module, getattr(importlib.import_module(module_name), cls_name)):
-            return 1
-    return 0
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +298,9 @@ def spectral_norm(
             f"dtype {weight.dtype}"
         )
     _spec.check_weight_shape(tuple(weight.shape), name)
-    dim = _spec.canonical_dim(_default_dim(module) if dim is None else dim, weight.ndim)
+    dim = _spec.canonical_dim(
+        _spec.default_dim(_is_dim_1_layer(module), weight.ndim) if dim is None else dim, weight.ndim
+    )
 
     # Validation is over; from here on the module changes.
     s = _spec.next_seed(seed)

@@ -195,3 +195,18 @@ def test_reference_state_round_trip():
     sn.load_state(saved)
     np.testing.assert_array_equal(sn.u, saved["u"])
     assert spec.ReferenceSN(np.ones(3), 0, spec.PRESETS["torch"]).state() == {}
+
+
+def test_default_dim_is_0_for_vectors_even_on_dim_1_layers():
+    assert spec.default_dim(True, 4) == 1
+    assert spec.default_dim(False, 4) == 0
+    assert spec.default_dim(True, 1) == 0  # e.g. the bias of a transposed convolution
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("torch.float32", "float32"), ("paddle.float64", "float64"), ("torch.bfloat16", "float32"),
+     ("paddle.bfloat16", "float32"), ("torch.complex64", "complex64"), ("float16", "float16")],
+)
+def test_init_dtype_maps_framework_dtype_names(name, expected):
+    assert spec.init_dtype(name) == np.dtype(expected)
