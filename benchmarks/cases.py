@@ -8,6 +8,11 @@ spectral-norm ``dim`` is 1, so the W-matrix is the same out x in matrix in both)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from dualsn import spec
 
 
 class SetupError(RuntimeError):
@@ -100,3 +105,27 @@ FULL_CASES = (
     "register_linear_2048",
 )
 QUICK_CASES = ("linear_256", "conv_512x256x3x3", "sngan_d32_b4", "register_linear_256")
+
+
+def converged_uv(w_mat: np.ndarray, iterations: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """u, v after a few power iterations on ``w_mat`` (the floor's inputs: sigma > 0, as in training)."""
+    h, w = w_mat.shape
+    u0, v0 = spec.init_uv(h, w, seed=0, dtype=w_mat.dtype)
+    return spec.power_iteration(w_mat, u0, v0, iterations, "uv", 1e-12)
+
+
+@dataclass
+class Floor:
+    """The floor's timed operations on one weight, and what a test needs to check them.
+
+    ``ops`` maps ``floor:Wv``, ``floor:WHu``, ``floor:rescale``, ``floor:rank1_grad`` to
+    callables. ``w_mat``, ``u``, ``v``, ``grad`` are their inputs as numpy arrays in W-matrix
+    layout; ``outputs()`` returns each op's latest result, also in W-matrix layout.
+    """
+
+    ops: dict[str, Callable[[], None]]
+    w_mat: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    grad: np.ndarray
+    outputs: Callable[[], dict[str, np.ndarray]]

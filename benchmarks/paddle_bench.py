@@ -4,7 +4,8 @@ Rows: ``plain``, ``builtin`` (``paddle.nn.utils.spectral_norm``, the forward-pre
 ``dualsn`` (``dualsn.paddle.spectral_norm``, default compat="torch") and ``dualsn[paddle]``
 (compat="paddle", the preset with the built-in's own algorithm, for a like-for-like cost).
 ``paddle.nn.Linear`` stores its weight as [in, out]; its W-matrix is the transpose, so the
-floor's W v and W^H u use matmul's transpose flags on the stored weight.
+floor's W v and W^H u use matmul's transpose flags on the stored weight. Floor outputs go to
+preallocated buffers (``out=`` or an in-place op), as in the torch driver.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from benchmarks.cases import Case, SetupError
+from benchmarks.cases import Case, Floor, SetupError, converged_uv
 from benchmarks.timing import Variant
 
 FLOOR_TRAIN = ("floor:Wv", "floor:WHu", "floor:rescale", "floor:rank1_grad")
@@ -91,7 +92,7 @@ class PaddleDriver:
         floor: tuple[str, ...] = ()
         if base is not None:
             floor = FLOOR_TRAIN if mode == "train" else FLOOR_EVAL
-            ops = _floor_ops(base.weight.detach(), transposed=case.kind == "linear")
+            ops = floor_ops(base.weight.detach(), transposed=case.kind == "linear").ops
             out += [Variant(name, ops[name]) for name in floor]
         return out, floor
 
@@ -156,44 +157,74 @@ def _eval_forward(model: nn.Layer, x: paddle.Tensor) -> Callable[[], None]:
     return forward
 
 
-def _floor_ops(weight: paddle.Tensor, transposed: bool) -> dict[str, Callable[[], None]]:
+def floor_ops(weight: paddle.Tensor, transposed: bool) -> Floor:
     """The unavoidable per-step arithmetic on this weight's W-matrix.
 
     ``transposed``: the stored weight is the W-matrix's transpose ([in, out], paddle Linear).
     Everything works on the stored layout, as a backend would.
     """
-    rng = np.random.default_rng(0)
-    if transposed:
-        stored = weight  # [w, h]
-        n, h = stored.shape
-    else:
-        stored = weight.reshape([weight.shape[0], -1])  # [h, w]
-        h, n = stored.shape
-    u = F.normalize(paddle.to_tensor(rng.standard_normal(h).astype("float32")), axis=0)
-    v = F.normalize(paddle.to_tensor(rng.standard_normal(n).astype("float32")), axis=0)
+    stored = weight if transposed else weight.reshape([weight.shape[0], -1])
+    w_np = stored.numpy()
+    w_mat = w_np.T if transposed else w_np
+    u_np, v_np = converged_uv(w_mat)
+    u, v = paddle.to_tensor(u_np), paddle.to_tensor(v_np)
     # In the stored layout W v and W^H u swap their transpose flags, and u v^T is v u^T.
     if transposed:
-        wv = lambda: paddle.matmul(stored, v, transpose_x=True)  # noqa: E731
-        whu = lambda: paddle.matmul(stored, u)  # noqa: E731
+        wv_args, whu_args = dict(transpose_x=True), dict(transpose_x=False)
         left, right = v.unsqueeze(1), u.unsqueeze(0)
     else:
-        wv = lambda: paddle.matmul(stored, v)  # noqa: E731
-        whu = lambda: paddle.matmul(stored, u, transpose_x=True)  # noqa: E731
+        wv_args, whu_args = dict(transpose_x=False), dict(transpose_x=True)
         left, right = u.unsqueeze(1), v.unsqueeze(0)
-    sigma = paddle.dot(u, wv())
+    buf_h, buf_w = paddle.empty_like(u), paddle.empty_like(v)
+    sigma = paddle.dot(u, paddle.matmul(stored, v, **wv_args))
     w_sn = stored / sigma
-    grad = paddle.to_tensor(rng.standard_normal(stored.shape).astype("float32"))
-    inv = 1.0 / float(sigma)  # known from the forward pass
+    grad = paddle.to_tensor(np.random.default_rng(0).standard_normal(stored.shape).astype("float32"))
+    s = float(sigma)  # known from the forward pass
+    buf_mat = paddle.empty_like(stored)
+    grad_buf = grad.clone()
+    flip = [False]
+
+    def wv() -> None:
+        paddle.matmul(stored, v, out=buf_h, **wv_args)
+
+    def whu() -> None:
+        paddle.matmul(stored, u, out=buf_w, **whu_args)
 
     def rescale() -> None:
-        stored / sigma  # noqa: B018 - paddle has no out=, the allocation is part of it
+        # Into a preallocated buffer, as torch's floor does (a fresh 4M-element result costs
+        # Paddle's CPU allocator more than the division itself).
+        paddle.divide(stored, sigma, out=buf_mat)
 
     def rank1_grad() -> None:
-        # dL/dW = G / sigma - (<G, W_sn> / sigma) u v^T: one dot, then one fused addmm.
+        # dL/dW = G / sigma - (<G, W_sn> / sigma) u v^T: one dot, then one fused in-place
+        # addmm_ (Paddle's addmm has no out=). Every second call applies the inverse update
+        # (beta sigma, alpha c), which brings the buffer back to G: same work, bounded values.
         c = float(paddle.dot(w_sn.flatten(), grad.flatten()))
-        paddle.addmm(grad, left, right, beta=inv, alpha=-c * inv)
+        if flip[0]:
+            grad_buf.addmm_(left, right, beta=s, alpha=c)
+        else:
+            grad_buf.addmm_(left, right, beta=1.0 / s, alpha=-c / s)
+        flip[0] = not flip[0]
 
-    return {"floor:Wv": wv, "floor:WHu": whu, "floor:rescale": rescale, "floor:rank1_grad": rank1_grad}
+    def as_matrix(t: paddle.Tensor) -> np.ndarray:
+        return t.numpy().T if transposed else t.numpy()
+
+    def outputs() -> dict[str, np.ndarray]:
+        return {
+            "floor:Wv": buf_h.numpy(),
+            "floor:WHu": buf_w.numpy(),
+            "floor:rescale": as_matrix(buf_mat),
+            "floor:rank1_grad": as_matrix(grad_buf),
+        }
+
+    return Floor(
+        ops={"floor:Wv": wv, "floor:WHu": whu, "floor:rescale": rescale, "floor:rank1_grad": rank1_grad},
+        w_mat=w_mat,
+        u=u_np,
+        v=v_np,
+        grad=as_matrix(grad),
+        outputs=outputs,
+    )
 
 
 # -- the SNGAN CIFAR-10 discriminator, same structure as torch_bench's ---------------------

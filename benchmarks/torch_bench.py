@@ -5,7 +5,8 @@ the built-in that dualsn's default preset reproduces) and ``dualsn`` (``dualsn.t
 compat="torch"). Floor rows time the unavoidable arithmetic of one training step on the same
 weight: one W v, one W^H u (a transposed view, so BLAS gets a transpose flag instead of a
 copy), the rescale W / sigma into a preallocated buffer, and the rank-1 gradient term
-(G - <G, W_sn> u v^T) / sigma as one ``addr`` after one dot product.
+(G - <G, W_sn> u v^T) / sigma as one ``addr`` into a preallocated buffer after one dot
+product. Outputs go to preallocated buffers so the floor is arithmetic, not allocation.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import copy
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cases import Case, SetupError
+from benchmarks.cases import Case, Floor, SetupError, converged_uv
 from benchmarks.timing import Variant
 
 FLOOR_TRAIN = ("floor:Wv", "floor:WHu", "floor:rescale", "floor:rank1_grad")
@@ -89,7 +91,7 @@ class TorchDriver:
         floor: tuple[str, ...] = ()
         if base is not None:
             floor = FLOOR_TRAIN if mode == "train" else FLOOR_EVAL
-            ops = _floor_ops(base.weight.detach().to(self.device))
+            ops = floor_ops(base.weight.detach().to(self.device)).ops
             out += [Variant(name, ops[name]) for name in floor]
         return out, floor
 
@@ -153,17 +155,16 @@ def _eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return forward
 
 
-def _floor_ops(weight: torch.Tensor) -> dict[str, Callable[[], None]]:
+def floor_ops(weight: torch.Tensor) -> Floor:
     """The unavoidable per-step arithmetic on this weight's W-matrix (dim 0)."""
     w = weight.reshape(weight.shape[0], -1)  # a view: conv weights are contiguous
-    h, n = w.shape
-    u = F.normalize(torch.randn(h, device=w.device, dtype=w.dtype), dim=0)
-    v = F.normalize(torch.randn(n, device=w.device, dtype=w.dtype), dim=0)
+    u, v = (torch.from_numpy(x).to(w.device) for x in converged_uv(w.cpu().numpy()))
     sigma = torch.vdot(u, w @ v)
     w_sn = w / sigma
     grad = torch.randn_like(w)
     inv = 1.0 / sigma.item()  # known from the forward pass
-    buf_h, buf_w, buf_mat = torch.empty_like(u), torch.empty_like(v), torch.empty_like(w)
+    buf_h, buf_w = torch.empty_like(u), torch.empty_like(v)
+    buf_mat, buf_grad = torch.empty_like(w), torch.empty_like(w)
 
     def wv() -> None:
         torch.mv(w, v, out=buf_h)
@@ -177,9 +178,20 @@ def _floor_ops(weight: torch.Tensor) -> dict[str, Callable[[], None]]:
     def rank1_grad() -> None:
         # dL/dW = G / sigma - (<G, W_sn> / sigma) u v^T: one dot, then one fused pass.
         c = torch.vdot(w_sn.reshape(-1), grad.reshape(-1)).item()
-        torch.addr(grad, u, v, beta=inv, alpha=-c * inv, out=buf_mat)
+        torch.addr(grad, u, v, beta=inv, alpha=-c * inv, out=buf_grad)
 
-    return {"floor:Wv": wv, "floor:WHu": whu, "floor:rescale": rescale, "floor:rank1_grad": rank1_grad}
+    def outputs() -> dict[str, np.ndarray]:
+        bufs = {"floor:Wv": buf_h, "floor:WHu": buf_w, "floor:rescale": buf_mat, "floor:rank1_grad": buf_grad}
+        return {k: b.cpu().numpy() for k, b in bufs.items()}
+
+    return Floor(
+        ops={"floor:Wv": wv, "floor:WHu": whu, "floor:rescale": rescale, "floor:rank1_grad": rank1_grad},
+        w_mat=w.cpu().numpy(),
+        u=u.cpu().numpy(),
+        v=v.cpu().numpy(),
+        grad=grad.cpu().numpy(),
+        outputs=outputs,
+    )
 
 
 # -- the SNGAN CIFAR-10 discriminator (Miyato et al. 2018; mimicry SNGANDiscriminator32) ----

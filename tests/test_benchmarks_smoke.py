@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness (``python -m benchmarks``): a --quick run, in process.
 
-No timing is asserted (the machine is shared and noisy); the test checks that one run
-produces the markdown tables and the JSON with the expected rows and finite numbers.
+No timing is asserted (the machine is shared and noisy); the tests check that one run
+produces the markdown tables and the JSON with the expected rows and finite numbers, and that
+the floor's operations compute what they claim to (against numpy and dualsn.spec).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -21,6 +23,7 @@ if str(ROOT) not in sys.path:  # ``benchmarks`` is not installed, it lives next 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli import main  # noqa: E402
+from dualsn import spec  # noqa: E402
 
 ROWS = {
     "torch": ["plain", "builtin", "dualsn"],
@@ -112,3 +115,37 @@ def test_unknown_case_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["--case", "no_such_case"])
     assert "no_such_case" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "framework, shape, transposed",
+    [("torch", (6, 4), False), ("torch", (4, 2, 3), False), ("paddle", (6, 4), True), ("paddle", (4, 2, 3), False)],
+)
+def test_floor_ops_compute_the_floor(framework, shape, transposed):
+    w = np.random.default_rng(3).standard_normal(shape).astype("float32")
+    if framework == "torch":
+        import torch
+
+        from benchmarks.torch_bench import floor_ops
+
+        floor = floor_ops(torch.from_numpy(w))
+    else:
+        import paddle
+
+        from benchmarks.paddle_bench import floor_ops
+
+        floor = floor_ops(paddle.to_tensor(w), transposed=transposed)
+    w_mat = w.T if transposed else w.reshape(w.shape[0], -1)  # paddle Linear stores [in, out]
+    np.testing.assert_array_equal(floor.w_mat, w_mat)
+    for op in floor.ops.values():
+        op()
+    out = floor.outputs()
+    w64, u, v = w_mat.astype(np.float64), floor.u.astype(np.float64), floor.v.astype(np.float64)
+    sigma = u @ w64 @ v
+    assert sigma > 0
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["floor:Wv"], w64 @ v, **tol)
+    np.testing.assert_allclose(out["floor:WHu"], w64.T @ u, **tol)
+    np.testing.assert_allclose(out["floor:rescale"], w64 / sigma, **tol)
+    expected = spec.normalized_weight_grad(floor.grad.astype(np.float64), w64, u, v, 0, spec.PRESETS["torch"])
+    np.testing.assert_allclose(out["floor:rank1_grad"], expected, **tol)
