@@ -1,0 +1,18 @@
+"""The dualsn conformance suite: one case table, run against every driver in :mod:`backends`.
+
+Each driver's trace (u, v, sigma, normalized weight, outputs, gradients over a sequence of
+primitives) is compared with the numpy reference ``dualsn.spec.ReferenceSN`` and, for drivers
+that start from ``spec.init_uv``, with the stored golden traces.
+
+* ``pytest conformance``: the tests, parametrized as case x sequence x driver.
+* ``conformance.run(drivers=None, cases=None, sequences=None)``: the same checks as a list of
+  :class:`Result`; ``conformance.format_matrix(results)`` renders a case x driver pass/fail
+  matrix (for a ``dualsn check`` command).
+* ``python -m conformance.golden --regenerate``: rewrite the golden traces.
+
+Importing this package imports no framework; a driver's framework is imported when it runs.
+"""
+
+from conformance.runner import Result, check, format_matrix, matrix, run, targets
+
+__all__ = ["Result", "check", "format_matrix", "matrix", "run", "targets"]
