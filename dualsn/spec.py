@@ -63,6 +63,13 @@ class Spec:
     that is what ``torch.nn.utils.parametrize.register_parametrization`` does when it checks
     the parametrization, so the torch built-in ends registration 15 + 1 iterations from its
     initial draw (15 if the module is in eval mode).
+
+    Opt-in features no built-in has (every preset leaves them off):
+    ``coeff``: soft bound, the weight is divided by max(1, sigma / coeff) (:meth:`divisor`),
+    so its norm is at most ``coeff``; ``atol``/``rtol``: training forwards iterate until the
+    sigma estimate settles, at most ``max_iterations`` (:func:`training_iterations`);
+    ``num_svs``: that many (u, v) pairs, Gram-Schmidt orthogonalized, estimate the largest
+    singular values for monitoring (:func:`power_step`); only the first normalizes.
     """
 
     n_power_iterations: int = 1
@@ -71,6 +78,11 @@ class Spec:
     warmup_iterations: int = 15
     registration_forward: bool = True
     vector_mode: str = "exact"
+    coeff: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    max_iterations: int = 100
+    num_svs: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.n_power_iterations, bool) or not isinstance(
@@ -98,6 +110,42 @@ class Spec:
                 f"Expected vector_mode to be one of {VECTOR_MODES}, but got "
                 f"vector_mode={self.vector_mode!r}"
             )
+
+        for field in ("coeff", "atol", "rtol"):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
+                or not np.isfinite(value) or value < 0 or (field == "coeff" and value == 0)
+            ):
+                allowed = "> 0" if field == "coeff" else ">= 0"
+                raise ValueError(f"Expected {field} to be None or a finite float {allowed}, but got {field}={value!r}")
+        for field in ("max_iterations", "num_svs"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Expected {field} to be a positive integer, but got {field}={value!r}")
+        if self.uses_tolerance and self.max_iterations < self.n_power_iterations:
+            raise ValueError(
+                "Expected max_iterations >= n_power_iterations, but got "
+                f"max_iterations={self.max_iterations}, n_power_iterations={self.n_power_iterations}"
+            )
+
+    @property
+    def uses_tolerance(self) -> bool:
+        """True when training forwards iterate until sigma settles (``atol``/``rtol`` given)."""
+        return self.atol is not None or self.rtol is not None
+
+    def settled(self, previous_sigma: float, sigma: float) -> bool:
+        """Whether two successive sigma estimates agree within ``atol + rtol * |sigma|``."""
+        tolerance = (self.atol or 0.0) + (self.rtol or 0.0) * abs(sigma)
+        return abs(sigma - previous_sigma) <= tolerance
+
+    def divisor(self, sigma):
+        """What the weight is divided by: sigma, or with ``coeff`` the soft bound
+        max(1, sigma / coeff), so the normalized weight's norm is at most ``coeff``.
+        The bound is active when Re(sigma) > coeff; then the divisor is sigma / coeff."""
+        if self.coeff is None:
+            return sigma
+        return sigma / self.coeff if np.real(sigma) > self.coeff else 1.0
 
     def registration_iterations(self, training: bool) -> int:
         """Power iterations run at registration, from the initial draw of u and v."""
@@ -150,8 +198,12 @@ def default_dim(is_dim_1_layer: bool, ndim: int) -> int:
     return 1 if is_dim_1_layer and ndim > 1 else 0
 
 
-def make_spec(compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: float = 1e-12) -> Spec:
-    """The preset ``compat`` with the user's ``n_power_iterations`` and ``eps``.
+def make_spec(
+    compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: float = 1e-12, **features
+) -> Spec:
+    """The preset ``compat`` with the user's ``n_power_iterations`` and ``eps``, plus any of
+    the opt-in features no built-in has: ``coeff``, ``atol``, ``rtol``, ``max_iterations``,
+    ``num_svs`` (see :class:`Spec`).
 
     Raises ValueError naming the argument for an unknown preset or a bad value.
     """
@@ -159,7 +211,14 @@ def make_spec(compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: fl
         raise ValueError(
             f"Expected compat to be one of {tuple(PRESETS)}, but got compat={compat!r}"
         )
-    return PRESETS[compat].replace(n_power_iterations=n_power_iterations, eps=eps)
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise TypeError(f"make_spec() got unexpected keyword argument(s) {unknown}; allowed: {FEATURES}")
+    return PRESETS[compat].replace(n_power_iterations=n_power_iterations, eps=eps, **features)
+
+
+FEATURES = ("coeff", "atol", "rtol", "max_iterations", "num_svs")
+"""Spec fields that are opt-in features beyond the built-ins (all presets default them off)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,19 +378,72 @@ def next_seed(seed: int | None = None) -> int | None:
 # The numpy reference implementation.
 
 
+def _orthogonalize(x: np.ndarray, basis: list[np.ndarray]) -> np.ndarray:
+    """x minus its projections on the (orthonormal) earlier vectors: Gram-Schmidt."""
+    for b in basis:
+        x = x - np.vdot(b, x) * b
+    return x
+
+
+def power_step(w_mat: np.ndarray, us: list, vs: list, order: str, eps: float):
+    """One power iteration on every (u_i, v_i) pair, in ``order``.
+
+    Pair i is orthogonalized against pairs 0..i-1 (Gram-Schmidt, as BigGAN estimates several
+    singular values), so pair 0 is the plain iteration. Returns the new lists and the norm of
+    pair 0's last vector before normalization (||W^H u|| for "uv", ||W v|| for "vu"), which
+    equals u^H W v after the step: the sigma estimate the tolerance stop compares.
+    """
+    w_h = w_mat.conj().T
+    new_us: list = []
+    new_vs: list = []
+    last_norm = None
+    for u, v in zip(us, vs):
+        if order == "uv":
+            u = normalize(_orthogonalize(w_mat @ v, new_us), eps)
+            last = _orthogonalize(w_h @ u, new_vs)
+            v = normalize(last, eps)
+        else:
+            v = normalize(_orthogonalize(w_h @ u, new_vs), eps)
+            last = _orthogonalize(w_mat @ v, new_us)
+            u = normalize(last, eps)
+        if last_norm is None:
+            last_norm = np.linalg.norm(last)
+        new_us.append(u)
+        new_vs.append(v)
+    return new_us, new_vs, last_norm
+
+
 def power_iteration(
     w_mat: np.ndarray, u: np.ndarray, v: np.ndarray, n: int, order: str, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` power iterations on the W-matrix, in ``order``; returns new (u, v)."""
-    w_h = w_mat.conj().T
+    us, vs = [u], [v]
     for _ in range(n):
-        if order == "uv":
-            u = normalize(w_mat @ v, eps)
-            v = normalize(w_h @ u, eps)
-        else:
-            v = normalize(w_h @ u, eps)
-            u = normalize(w_mat @ v, eps)
-    return u, v
+        us, vs, _ = power_step(w_mat, us, vs, order, eps)
+    return us[0], vs[0]
+
+
+def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec):
+    """The power iterations of one training forward; returns (us, vs, count).
+
+    Fixed count: ``spec.n_power_iterations``. With ``atol``/``rtol``: at least
+    ``n_power_iterations`` and at least 2, stopping after the first iteration whose sigma
+    estimate settled against the previous one (:meth:`Spec.settled`), at most
+    ``spec.max_iterations``.
+    """
+    if not spec.uses_tolerance:
+        for _ in range(spec.n_power_iterations):
+            us, vs, _ = power_step(w_mat, us, vs, spec.order, spec.eps)
+        return us, vs, spec.n_power_iterations
+    previous = None
+    count = 0
+    while count < spec.max_iterations:
+        us, vs, estimate = power_step(w_mat, us, vs, spec.order, spec.eps)
+        count += 1
+        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
+            break
+        previous = estimate
+    return us, vs, count
 
 
 def sigma(w_mat: np.ndarray, u: np.ndarray, v: np.ndarray):
@@ -344,37 +456,55 @@ def normalized_weight_grad(
 ) -> np.ndarray:
     """dL/dW given dL/dW_sn (``grad``), with u and v held constant.
 
-    Matrix case: (G - <W_sn, G> u v^H) / conj(sigma), where <A, B> = sum(conj(A) * B).
-    Exact 1-D case: (G - Re<w_hat, G> w_hat) / ||W|| (just G / eps when ||W|| <= eps).
+    Matrix case, W_sn = W / sigma: (G - <W_sn, G> u v^H) / conj(sigma), where
+    <A, B> = sum(conj(A) * B). Exact 1-D case, W_sn = W / n with n = max(||W||, eps):
+    (G - Re<w_hat, G> w_hat) / n (just G / eps when ||W|| <= eps).
+    With ``coeff`` and the bound active (divisor d = sigma / coeff): W_sn = W / d and the
+    same formulas hold with G scaled by coeff, i.e. (coeff G - <W_sn, G> u v^H) / conj(sigma);
+    with the bound inactive W_sn = W and the gradient is G.
     Gradients of complex tensors follow torch's convention (dL/dRe + i dL/dIm).
     """
+    scale = 1.0 if spec.coeff is None else spec.coeff
     if spec.is_exact_vector(weight.ndim):
         norm = np.linalg.norm(weight)
+        if spec.divisor(max(norm, spec.eps)) == 1.0 and spec.coeff is not None:
+            return grad
         if norm <= spec.eps:
-            return grad / np.asarray(spec.eps, dtype=norm.dtype)
+            return scale * grad / np.asarray(spec.eps, dtype=norm.dtype)
         w_hat = weight / norm
-        return (grad - np.vdot(w_hat, grad).real * w_hat) / norm
+        return scale * (grad - np.vdot(w_hat, grad).real * w_hat) / norm
     s = sigma(to_matrix(weight, dim), u, v)
-    w_sn = weight / s
+    if spec.coeff is not None and spec.divisor(s) == 1.0:
+        return grad
+    w_sn = weight / spec.divisor(s)
     rank_one = from_matrix(np.outer(u, v.conj()), weight.shape, dim)
-    return (grad - np.vdot(w_sn, grad) * rank_one) / np.conj(s)
+    return (scale * grad - np.vdot(w_sn, grad) * rank_one) / np.conj(s)
 
 
 class ReferenceSN:
     """Spectral norm of one weight, in numpy: the oracle for every backend.
 
-    Holds u and v (None for an exact 1-D weight) and follows the same life cycle as a
-    registered module: registration runs ``spec.registration_iterations(training)``; each
-    training forward runs ``spec.n_power_iterations`` and then normalizes; an eval forward
-    normalizes with the stored u, v.
+    Holds u and v (None for an exact 1-D weight) and, with ``spec.num_svs > 1``, the extra
+    pairs in ``extra_u``/``extra_v`` (shape (num_svs - 1, h) and (num_svs - 1, w)), and
+    follows the same life cycle as a registered module: registration runs
+    ``spec.registration_iterations(training)``; each training forward runs
+    :func:`training_iterations` and then normalizes; an eval forward normalizes with the
+    stored u, v. The extra pairs only estimate further singular values for monitoring: they
+    never change the normalized weight.
     """
 
-    def __init__(self, weight: np.ndarray, dim: int, spec: Spec, u0=None, v0=None, training: bool = True):
+    def __init__(
+        self, weight: np.ndarray, dim: int, spec: Spec, u0=None, v0=None, training: bool = True,
+        extra_u0=None, extra_v0=None,
+    ):
         check_weight_shape(weight.shape)
         self.spec = spec
         self.dim = canonical_dim(dim, weight.ndim)
         self.u: np.ndarray | None = None
         self.v: np.ndarray | None = None
+        self.extra_u: np.ndarray | None = None
+        self.extra_v: np.ndarray | None = None
+        self.last_iterations = 0
         if spec.is_exact_vector(weight.ndim):
             return
         h, w = matrix_shape(weight.shape, self.dim)
@@ -384,14 +514,35 @@ class ReferenceSN:
             raise ValueError(f"u0, v0 must have shapes ({h},), ({w},)")
         self.u = np.array(u0, dtype=weight.dtype)
         self.v = np.array(v0, dtype=weight.dtype)
+        if spec.num_svs > 1:
+            k = spec.num_svs - 1
+            if np.shape(extra_u0) != (k, h) or np.shape(extra_v0) != (k, w):
+                raise ValueError(f"num_svs={spec.num_svs} needs extra_u0, extra_v0 of shapes ({k}, {h}), ({k}, {w})")
+            self.extra_u = np.array(extra_u0, dtype=weight.dtype)
+            self.extra_v = np.array(extra_v0, dtype=weight.dtype)
         self.iterate(weight, spec.registration_iterations(training))
 
+    def _pairs(self):
+        us, vs = [self.u], [self.v]
+        if self.extra_u is not None:
+            us += list(self.extra_u)
+            vs += list(self.extra_v)
+        return us, vs
+
+    def _store(self, us, vs) -> None:
+        self.u, self.v = us[0], vs[0]
+        if self.extra_u is not None:
+            self.extra_u, self.extra_v = np.stack(us[1:]), np.stack(vs[1:])
+
     def iterate(self, weight: np.ndarray, n: int) -> None:
+        """Exactly ``n`` power iterations (registration, warm-up)."""
         if self.u is None or n == 0:
             return
-        self.u, self.v = power_iteration(
-            to_matrix(weight, self.dim), self.u, self.v, n, self.spec.order, self.spec.eps
-        )
+        us, vs = self._pairs()
+        w_mat = to_matrix(weight, self.dim)
+        for _ in range(n):
+            us, vs, _ = power_step(w_mat, us, vs, self.spec.order, self.spec.eps)
+        self._store(us, vs)
 
     def sigma(self, weight: np.ndarray):
         """sigma from the stored u, v (the norm itself for an exact 1-D weight)."""
@@ -399,11 +550,24 @@ class ReferenceSN:
             return np.maximum(np.linalg.norm(weight), np.asarray(self.spec.eps, dtype=weight.real.dtype))
         return sigma(to_matrix(weight, self.dim), self.u, self.v)
 
+    def singular_values(self, weight: np.ndarray) -> list:
+        """u_i^H W v_i for every pair: sigma first, then the further estimates."""
+        if self.u is None:
+            return [self.sigma(weight)]
+        w_mat = to_matrix(weight, self.dim)
+        us, vs = self._pairs()
+        return [sigma(w_mat, u, v) for u, v in zip(us, vs)]
+
     def forward(self, weight: np.ndarray, training: bool) -> np.ndarray:
-        """The normalized weight, running the power iteration first in training mode."""
-        if training:
-            self.iterate(weight, self.spec.n_power_iterations)
-        return weight / self.sigma(weight)
+        """The normalized weight, running the training iterations first in training mode."""
+        if training and self.u is not None:
+            us, vs, self.last_iterations = training_iterations(
+                to_matrix(weight, self.dim), *self._pairs(), self.spec
+            )
+            self._store(us, vs)
+        elif not training:
+            self.last_iterations = 0
+        return weight / self.spec.divisor(self.sigma(weight))
 
     def weight_grad(self, grad: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """dL/dW through the last forward (u, v as they are now)."""
@@ -412,9 +576,15 @@ class ReferenceSN:
     def state(self) -> dict[str, np.ndarray]:
         if self.u is None:
             return {}
-        return {"u": self.u.copy(), "v": self.v.copy()}
+        state = {"u": self.u.copy(), "v": self.v.copy()}
+        if self.extra_u is not None:
+            state.update(extra_u=self.extra_u.copy(), extra_v=self.extra_v.copy())
+        return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         if self.u is not None:
             self.u = np.array(state["u"], dtype=self.u.dtype)
             self.v = np.array(state["v"], dtype=self.v.dtype)
+            if self.extra_u is not None:
+                self.extra_u = np.array(state["extra_u"], dtype=self.extra_u.dtype)
+                self.extra_v = np.array(state["extra_v"], dtype=self.extra_v.dtype)

@@ -210,3 +210,93 @@ def test_default_dim_is_0_for_vectors_even_on_dim_1_layers():
 )
 def test_init_dtype_maps_framework_dtype_names(name, expected):
     assert spec.init_dtype(name) == np.dtype(expected)
+
+
+# --- Opt-in features beyond the built-ins: coeff, tolerance stop, several singular values.
+
+
+def converged_reference(weight, dim, **features):
+    h, w = spec.matrix_shape(weight.shape, dim)
+    u0, v0 = spec.init_uv(h, w, seed=3, dtype=weight.dtype)
+    preset = spec.make_spec("torch", 300, **features)
+    extra = {}
+    if preset.num_svs > 1:
+        rng = np.random.default_rng(9)
+        extra = {
+            "extra_u0": rng.standard_normal((preset.num_svs - 1, h)),
+            "extra_v0": rng.standard_normal((preset.num_svs - 1, w)),
+        }
+    return spec.ReferenceSN(weight, dim, preset, u0, v0, **extra)
+
+
+@pytest.mark.parametrize("coeff", [0.5, 0.97, 50.0])
+def test_coeff_bounds_the_norm_softly(coeff):
+    weight = random_weight((6, 5), seed=7)
+    sn = converged_reference(weight, 0, coeff=coeff)
+    w_sn = sn.forward(weight, training=True)
+    exact = top_singular_value(weight, 0)
+    if exact > coeff:
+        assert top_singular_value(w_sn, 0) == pytest.approx(coeff, rel=1e-9)
+    else:
+        np.testing.assert_array_equal(w_sn, weight)  # below the bound the weight is untouched
+
+
+@pytest.mark.parametrize("coeff", [0.5, 50.0])
+@pytest.mark.parametrize("shape", [(4, 3), (5,)])
+def test_coeff_gradient_matches_finite_differences(coeff, shape):
+    weight = random_weight(shape, seed=8)
+    sn = converged_reference(weight, 0, coeff=coeff)
+    upstream = random_weight(shape, seed=9)
+
+    def loss(candidate):
+        return np.vdot(upstream, candidate / sn.spec.divisor(sn.sigma(candidate))).real
+
+    np.testing.assert_allclose(sn.weight_grad(upstream, weight), numeric_grad(loss, weight), rtol=1e-6, atol=1e-8)
+
+
+def test_tolerance_stop_iterates_until_sigma_settles():
+    weight = random_weight((8, 8), seed=10)
+    u0, v0 = spec.init_uv(8, 8, seed=0, dtype="float64")
+    preset = spec.make_spec("paddle", atol=0.0, rtol=1e-8, max_iterations=500)
+    sn = spec.ReferenceSN(weight, 0, preset, u0, v0)
+    sn.forward(weight, training=True)
+    count = sn.last_iterations
+    assert 2 <= count < 500
+    # Replaying the iterations one by one: the last two estimates settled, the two before did not.
+    estimates = []
+    us, vs = [u0], [v0]
+    for _ in range(count):
+        us, vs, estimate = spec.power_step(weight, us, vs, "vu", preset.eps)
+        estimates.append(estimate)
+    assert preset.settled(estimates[-2], estimates[-1])
+    if count > 2:
+        assert not preset.settled(estimates[-3], estimates[-2])
+    np.testing.assert_array_equal(sn.u, us[0])
+    assert abs(sn.sigma(weight)) == pytest.approx(top_singular_value(weight, 0), rel=1e-6)
+
+
+def test_tolerance_stop_respects_max_iterations():
+    weight = random_weight((8, 8), seed=10)
+    u0, v0 = spec.init_uv(8, 8, seed=0, dtype="float64")
+    sn = spec.ReferenceSN(weight, 0, spec.make_spec("paddle", atol=0.0, max_iterations=3), u0, v0)
+    sn.forward(weight, training=True)
+    assert sn.last_iterations == 3
+
+
+def test_several_singular_values_match_the_svd():
+    weight = random_weight((7, 3, 2), seed=11)
+    sn = converged_reference(weight, 1, num_svs=3)
+    exact = np.linalg.svd(spec.to_matrix(weight, 1), compute_uv=False)[:3]
+    np.testing.assert_allclose(np.abs(sn.singular_values(weight)), exact, rtol=1e-6)
+    plain = converged_reference(weight, 1)
+    np.testing.assert_array_equal(sn.forward(weight, False), plain.forward(weight, False))
+
+
+@pytest.mark.parametrize(
+    "features, argument",
+    [({"coeff": 0.0}, "coeff"), ({"coeff": -1.0}, "coeff"), ({"atol": -1e-3}, "atol"), ({"rtol": float("inf")}, "rtol"),
+     ({"max_iterations": 0}, "max_iterations"), ({"num_svs": 0}, "num_svs")],
+)
+def test_feature_arguments_are_validated(features, argument):
+    with pytest.raises(ValueError, match=argument):
+        spec.make_spec("torch", **features)
