@@ -1,0 +1,1 @@
+"""Runnable example models for dualsn (frameworks are imported only by the factories)."""
