@@ -2,8 +2,9 @@
 with the live numpy reference and, for drivers that start from ``spec.init_uv``, with the
 stored golden traces. Ids read ``<case>/<sequence>/<driver>:<preset>``.
 
-A driver whose framework is missing skips with the reason; so do sequences a driver cannot run
-(e.g. removal for the Paddle built-in, which has no remove function). Disagreements found and
+A driver whose framework is missing skips with the reason. Sequences a driver cannot run by
+design (removal for the Paddle built-in, which has no remove function) are not applicable and
+are not collected at all, so a skip always means a missing dependency. Disagreements found and
 not yet fixed are listed in :mod:`conformance.known_failures` and run as strict xfails.
 """
 
@@ -11,9 +12,18 @@ from __future__ import annotations
 
 import pytest
 
+import backends
 from conformance import known_failures, runner
 from conformance.cases import CASES
-from conformance.sequences import SEQUENCES
+from conformance.sequences import PRIMITIVES_USED, SEQUENCES
+
+
+def _not_applicable(case, sequence: str, driver: str, preset: str) -> bool:
+    """True when an installed driver cannot run this combination by design."""
+    loaded = backends.load(driver)
+    if loaded.unavailable():
+        return False  # collected, and skipped with the missing dependency as the reason
+    return loaded.unsupported(case.config, preset, PRIMITIVES_USED.get(sequence)) is not None
 
 
 def _params(oracle: str):
@@ -23,6 +33,8 @@ def _params(oracle: str):
             if target_oracle != oracle:
                 continue
             for sequence in SEQUENCES:
+                if _not_applicable(case, sequence, driver, preset):
+                    continue
                 known = known_failures.reason(case.id, sequence, driver, preset)
                 marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
                 out.append(
