@@ -166,6 +166,16 @@ class Config:
     n_power_iterations: int = 1
     eps: float = 1e-12
     dtype: str = "float32"
+    features: tuple[tuple[str, Any], ...] = ()
+    """Opt-in features no built-in has (``spec.FEATURES``), as (name, value) pairs."""
+
+    @property
+    def feature_kwargs(self) -> dict[str, Any]:
+        return dict(self.features)
+
+    @property
+    def num_svs(self) -> int:
+        return self.feature_kwargs.get("num_svs", 1)
 
     @property
     def canonical_dim(self) -> int:
@@ -174,7 +184,7 @@ class Config:
         return self.layer.default_dim if self.dim is None else spec.canonical_dim(self.dim, ndim)
 
     def spec(self, preset: str) -> spec.Spec:
-        return spec.make_spec(preset, self.n_power_iterations, self.eps)
+        return spec.make_spec(preset, self.n_power_iterations, self.eps, **self.feature_kwargs)
 
     def matrix_shape(self) -> tuple[int, int]:
         return spec.matrix_shape(self.layer.weight_shape, self.canonical_dim)
@@ -256,6 +266,10 @@ class Instance:
         """Whether spectral-norm state is still attached to the layer."""
         raise NotImplementedError
 
+    def singular_values(self) -> np.ndarray:
+        """The ``num_svs`` singular-value estimates u_i^H W v_i from the current state."""
+        raise Unsupported("this driver has no several-singular-value estimates")
+
 
 class Driver:
     """Builds :class:`Instance` objects for one implementation.
@@ -269,6 +283,7 @@ class Driver:
     presets: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     init_from_spec: bool = True
+    supports_features: bool = False
 
     def unavailable(self) -> str | None:
         """None if usable, else why not (e.g. the framework is not installed)."""
@@ -281,6 +296,8 @@ class Driver:
         """None if the driver can run ``config`` under ``preset`` (and ``primitive``), else why."""
         if preset not in self.presets:
             return f"{self.name} does not implement preset {preset!r}"
+        if config.features and not self.supports_features:
+            return f"{self.name} has none of dualsn's opt-in features ({', '.join(dict(config.features))})"
         return None
 
     def initial_uv(self, config: Config, preset: str, seed: int):

@@ -24,6 +24,9 @@ class DualsnPaddleInstance(HookInstance):
     def sigma(self):
         return np.asarray(dsn.sigma(self.layer, "weight"))
 
+    def singular_values(self):
+        return np.asarray(dsn.singular_values(self.layer, "weight"))
+
     def remove(self):
         dsn.remove_spectral_norm(self.layer, "weight")
         self.removed = True
@@ -34,6 +37,7 @@ class DualsnPaddleDriver(Driver):
     presets = ("torch", "torch_legacy", "paddle")
     requires = ("paddle",)
     init_from_spec = True
+    supports_features = True
 
     def build(self, config, preset, params, seed, training=True):
         with default_dtype(config.dtype):
@@ -41,7 +45,8 @@ class DualsnPaddleDriver(Driver):
         if not training:
             layer.eval()
         dsn.spectral_norm(
-            layer, "weight", config.n_power_iterations, config.eps, paddle_dim(config), compat=preset, seed=seed
+            layer, "weight", config.n_power_iterations, config.eps, paddle_dim(config), compat=preset, seed=seed,
+            **config.feature_kwargs,
         )
         return DualsnPaddleInstance(layer, config)
 

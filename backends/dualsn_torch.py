@@ -19,6 +19,9 @@ class DualsnTorchInstance(ParametrizedInstance):
     def sigma(self):
         return np.asarray(dsn.sigma(self.module, "weight"))
 
+    def singular_values(self):
+        return np.asarray(dsn.singular_values(self.module, "weight"))
+
     def remove(self):
         dsn.remove_spectral_norm(self.module, "weight")
         self.removed = True
@@ -32,11 +35,13 @@ class DualsnTorchDriver(Driver):
     presets = ("torch", "torch_legacy", "paddle")
     requires = ("torch",)
     init_from_spec = True
+    supports_features = True
 
     def build(self, config, preset, params, seed, training=True):
         module = make_layer(config, params).train(training)
         dsn.spectral_norm(
-            module, "weight", config.n_power_iterations, config.eps, config.dim, compat=preset, seed=seed
+            module, "weight", config.n_power_iterations, config.eps, config.dim, compat=preset, seed=seed,
+            **config.feature_kwargs,
         )
         return DualsnTorchInstance(module, config)
 

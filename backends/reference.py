@@ -17,15 +17,20 @@ from dualsn import spec
 
 
 class ReferenceInstance(Instance):
-    def __init__(self, config: Config, preset: str, params: dict, uv0, training: bool):
+    def __init__(self, config: Config, preset: str, params: dict, uv0, training: bool, seed: int):
         self.config = config
         self.layer = config.layer
         self.spec = config.spec(preset)
         self.weight = np.array(params["weight"], dtype=config.dtype)
         self.bias_ = None if params.get("bias") is None else np.array(params["bias"], dtype=config.dtype)
         u0, v0 = (None, None) if uv0 is None else uv0
+        extra = {}
+        if self.spec.num_svs > 1 and u0 is not None:
+            h, w = config.matrix_shape()
+            extra_u0, extra_v0 = spec.init_extra_uv(h, w, self.spec.num_svs - 1, seed, config.dtype, config.eps)
+            extra = {"extra_u0": extra_u0, "extra_v0": extra_v0}
         self.sn: spec.ReferenceSN | None = spec.ReferenceSN(
-            self.weight, config.canonical_dim, self.spec, u0, v0, training=training
+            self.weight, config.canonical_dim, self.spec, u0, v0, training=training, **extra
         )
         self._grads: tuple[np.ndarray, np.ndarray | None] | None = None
 
@@ -39,7 +44,10 @@ class ReferenceInstance(Instance):
         return np.asarray(self.sn.sigma(self.weight))
 
     def normalized_weight(self):
-        return self.weight / self.sn.sigma(self.weight)
+        return self.weight / self.spec.divisor(self.sn.sigma(self.weight))
+
+    def singular_values(self):
+        return np.asarray(self.sn.singular_values(self.weight))
 
     def original_weight(self):
         return self.weight.copy()
@@ -114,13 +122,14 @@ class ReferenceDriver(Driver):
     presets = tuple(spec.PRESETS)
     requires = ()
     init_from_spec = True
+    supports_features = True
 
     def build(self, config, preset, params, seed, training=True, uv0=None):
         """As :meth:`Driver.build`; ``uv0`` overrides the seeded u0, v0 (used to follow a
         driver that draws its own, e.g. the torch parametrization built-in)."""
         if uv0 is None:
             uv0 = self.initial_uv(config, preset, seed)
-        return ReferenceInstance(config, preset, params, uv0, training)
+        return ReferenceInstance(config, preset, params, uv0, training, seed)
 
 
 DRIVER = ReferenceDriver()

@@ -54,9 +54,11 @@ class Case:
         return self.config.dtype
 
 
-def _case(id: str, kind: str, sizes, *, dim=None, n=1, eps=1e-12, dtype="float32", length=4, sigma_max=None):
+def _case(
+    id: str, kind: str, sizes, *, dim=None, n=1, eps=1e-12, dtype="float32", length=4, sigma_max=None, **features
+):
     layer = LayerSpec(kind, tuple(sizes), length=length)
-    return Case(id, Config(layer, dim, n, eps, dtype), sigma_max)
+    return Case(id, Config(layer, dim, n, eps, dtype, tuple(sorted(features.items()))), sigma_max)
 
 
 LIN, CONV1, CONV2, CONV3 = (5, 4), (2, 3, 2), (2, 3, 2), (2, 2, 2)

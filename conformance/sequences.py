@@ -33,6 +33,8 @@ class Trace(list):
             self.add(prefix + "v", uv[1])
         self.add(prefix + "sigma", inst.sigma())
         self.add(prefix + "weight_sn", inst.normalized_weight())
+        if inst.config.num_svs > 1 and uv is not None:
+            self.add(prefix + "singular_values", inst.singular_values())
 
     def uv(self, inst: Instance, prefix: str = "") -> None:
         uv = inst.uv()

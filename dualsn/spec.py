@@ -36,6 +36,7 @@ __all__ = [
     "from_matrix",
     "normalize",
     "init_uv",
+    "init_extra_uv",
     "manual_seed",
     "next_seed",
     "power_iteration",
@@ -307,20 +308,33 @@ def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = 1e-12) -> t
     Normalizes in float64 and then casts to ``dtype``, so every framework that is handed these
     arrays starts from the same bits.
     """
-    dtype = np.dtype(dtype)
     rng = np.random.Generator(np.random.PCG64(seed))
-
-    def draw(n: int) -> np.ndarray:
-        if dtype.kind == "c":
-            parts = rng.standard_normal((2, n))
-            x = parts[0] + 1j * parts[1]
-        else:
-            x = rng.standard_normal(n)
-        return normalize(x, eps).astype(dtype)
-
-    u = draw(h)
-    v = draw(w)
+    u = _draw_normalized(rng, h, dtype, eps)
+    v = _draw_normalized(rng, w, dtype, eps)
     return u, v
+
+
+def init_extra_uv(h: int, w: int, count: int, seed: int, dtype="float32", eps: float = 1e-12):
+    """Seeded starting vectors of the ``count`` extra pairs that ``num_svs > 1`` adds:
+    arrays of shape (count, h) and (count, w), each row normalized.
+
+    Drawn like :func:`init_uv` from a generator of their own, ``PCG64([seed, 1])``: the u
+    rows, then the v rows. The first pair stays exactly :func:`init_uv`'s.
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    us = [_draw_normalized(rng, h, dtype, eps) for _ in range(count)]
+    vs = [_draw_normalized(rng, w, dtype, eps) for _ in range(count)]
+    return np.stack(us).reshape(count, h), np.stack(vs).reshape(count, w)
+
+
+def _draw_normalized(rng: np.random.Generator, n: int, dtype, eps: float) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        parts = rng.standard_normal((2, n))
+        x = parts[0] + 1j * parts[1]
+    else:
+        x = rng.standard_normal(n)
+    return normalize(x, eps).astype(dtype)
 
 
 class _SeedStream:
