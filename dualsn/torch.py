@@ -2,10 +2,17 @@
 
 ``spectral_norm(module)`` with the default ``compat="torch"`` is a drop-in for
 ``torch.nn.utils.parametrizations.spectral_norm``: same random draw, same registration
-iterations, same per-forward arithmetic, same state-dict keys
+iterations, the same u, v bits after every forward, same state-dict keys
 (``parametrizations.<name>.original``, ``parametrizations.<name>.0._u`` / ``._v``). Other
 presets (``"torch_legacy"``, ``"paddle"``) change the algorithm as ``dualsn.spec`` says,
 while keeping the parametrization mechanism.
+
+It is faster than the built-in (see :class:`WeightMatrix` for the cost model): a training
+forward takes sigma from the last power-iteration norm instead of a third product, the
+gradient of W -> W / sigma is one closed-form fused pass (:class:`_DivideBySigma`), the
+W-matrix is never copied for ``dim != 0``, and eval mode reuses the normalized weight while
+nothing changed (:class:`_EvalCache`). Sigma, and so the normalized weight and gradients,
+then differ from the built-in's in the last bits only (rounding).
 
 The algorithm's rules all come from :mod:`dualsn.spec`; this module only maps them onto
 ``torch.nn.utils.parametrize``.
@@ -13,9 +20,10 @@ The algorithm's rules all come from :mod:`dualsn.spec`; this module only maps th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,42 +44,228 @@ __all__ = [
     "get_spectral_norm",
     "spectral_norm_forward",
     "power_iteration_",
+    "weight_grad",
+    "WeightMatrix",
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# The math. Kept as free functions so that a fused implementation can replace them.
+def _is_compiling() -> bool:
+    """Whether torch.compile is tracing this code (torch.compiler.is_compiling, torch >= 2.3)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
-def weight_to_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """The W-matrix: ``dim`` moved to the front, the other axes flattened.
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
-    A 1-D weight (only reached in the spec's "matrix" vector mode) is an (n x 1) matrix.
+
+def _no_autocast(device_type: str):
+    """A context with autocast off, or a no-op one when it is already off (the cheap case).
+
+    Spectral norm runs in the weight's own dtype: autocast would cast the batched products
+    (bmm, matmul, baddbmm) of the power iteration and of the gradient to reduced precision.
     """
-    if weight.ndim == 1:
-        return weight.unsqueeze(1)
-    if dim != 0:
-        weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
-    return weight.flatten(1)
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# The W-matrix, without copying the weight
+#
+# Costs, measured on a CPU (one thread, 2048 x 2048 float32): a W-sized pass (a copy, W / s, a
+# rank-1 update) ~1 ms, one matrix-vector product ~0.5-1 ms, anything on a vector ~microseconds.
+# So the per-step work is counted in passes over W: two matrix-vector products, one W / sigma,
+# and in backward one <W, G> and one fused rank-1 update. Nothing else touches W.
+
+
+class WeightMatrix:
+    """The W-matrix of ``weight`` (``dim`` to the front, other axes flattened), as views.
+
+    The weight is seen as a 3-D ``(a, h, b)`` tensor: ``a`` the product of the axes before
+    ``dim``, ``h`` the size of ``dim``, ``b`` the product of the axes after it (a 1-D weight,
+    reached in the "matrix" vector mode, is ``(1, n, 1)``). The W-matrix is then
+    ``M[o, (i, j)] = W3[i, o, j]``. When ``a == 1`` (``dim == 0``) or ``b == 1`` (``dim``
+    last) M is a plain 2-D view and the products are single BLAS calls on it; otherwise they
+    are batched products over the ``a`` blocks, which avoids copying W into M's layout.
+    """
+
+    __slots__ = ("shape", "a", "h", "b", "mat", "blocks")
+
+    def __init__(self, weight: torch.Tensor, dim: int) -> None:
+        self.shape = weight.shape
+        if weight.ndim == 1:
+            a, h = 1, weight.shape[0]
+        else:
+            a, h = math.prod(weight.shape[:dim]), weight.shape[dim]
+        b = weight.numel() // (a * h)
+        self.a, self.h, self.b = a, h, b
+        # reshape gives views for contiguous weights (copies only for exotic layouts).
+        self.mat = self.blocks = None
+        if a == 1:
+            self.mat = weight.reshape(h, b)
+        elif b == 1:
+            self.mat = weight.reshape(a, h).mT
+        else:
+            self.blocks = weight.reshape(a, h, b)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """M v (``h`` entries)."""
+        if self.mat is not None:
+            return torch.mv(self.mat, v)
+        # One (1 x b) @ (b x h) product per block, summed over the blocks.
+        return torch.bmm(v.view(self.a, 1, self.b), self.blocks.mT).sum(0).view(self.h)
+
+    def mv_h(self, u: torch.Tensor) -> torch.Tensor:
+        """M^H u (``a * b`` entries)."""
+        if self.mat is not None:
+            if self.b == 1 and u.is_complex():
+                # M^H is conj of the (a, h) view: conj(W2 conj(u)) keeps W unconjugated (no copy)
+                return torch.mv(self.mat.mT, u.conj()).conj_physical()
+            return torch.mv(self.mat.mH, u)
+        if u.is_complex():
+            # sum_o conj(W3[i, o, j]) u[o] = conj(sum_o conj(u[o]) W3[i, o, j])
+            return torch.matmul(u.conj(), self.blocks).conj_physical().reshape(-1)
+        return torch.matmul(u, self.blocks).reshape(-1)
+
+    def rank1(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u v^H in the weight's layout, by broadcasting (used on the differentiable path)."""
+        return (u.view(1, self.h, 1) * v.conj().view(self.a, 1, self.b)).view(self.shape)
+
+    def add_rank1(self, grad: torch.Tensor, u, v, beta, alpha) -> torch.Tensor:
+        """``beta * grad + alpha * u v^H`` in the weight's layout, as one fused pass.
+
+        ``beta``, ``alpha`` are numbers (BLAS scaling factors).
+        """
+        vh = v.conj()
+        if self.a == 1:
+            out = torch.addr(grad.reshape(self.h, self.b), u, vh, beta=beta, alpha=alpha)
+        elif self.b == 1:
+            # the (a, h) view holds M^T, whose rank-1 term is conj(v) u^T
+            out = torch.addr(grad.reshape(self.a, self.h), vh, u, beta=beta, alpha=alpha)
+        else:
+            out = torch.baddbmm(
+                grad.reshape(self.a, self.h, self.b),
+                u.view(1, self.h, 1).expand(self.a, self.h, 1),
+                vh.view(self.a, 1, self.b),
+                beta=beta,
+                alpha=alpha,
+            )
+        return out.view(self.shape)
+
+
+def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float):
+    """``out <- x / max(||x||, eps)``, in place; returns ``||x||`` and ``max(||x||, eps)``.
+
+    The same operations as ``F.normalize(x, dim=0, eps=eps, out=out)``, so the result has
+    the same bits, but the norm is kept: it gives sigma (see :func:`power_iteration_`).
+    """
+    norm = torch.linalg.vector_norm(x, 2, 0, True)
+    denom = norm.clamp_min(eps)
+    torch.div(x, denom, out=out)
+    return norm, denom
 
 
 @torch.no_grad()
 def power_iteration_(
-    weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, order: str, eps: float
-) -> None:
-    """Run ``n`` power iterations in ``order``, writing the results into ``u`` and ``v``.
+    weight: torch.Tensor, dim: int, u: torch.Tensor, v: torch.Tensor, n: int, order: str, eps: float
+) -> torch.Tensor | None:
+    """Run ``n`` power iterations in ``order`` on ``weight``'s W-matrix, into ``u`` and ``v``.
 
     The writes are in place (``out=``) on purpose: module replicas (DataParallel) share the
     buffers' storage with the original module, so this is how their updates survive.
+
+    Returns sigma = u^H W v for the new u, v (a 0-d tensor; None when ``n == 0``), read off
+    the last normalization instead of computed with a third product: order "uv" ends with
+    v <- W^H u / max(r, eps), r = ||W^H u||, so u^H W v = r^2 / max(r, eps); order "vu" ends
+    with u <- W v / max(r, eps), r = ||W v||, and the same holds. Computed as
+    r * (r / max(r, eps)), which is exactly r when r > eps (r / r == 1 in floating point).
+    It agrees with ``vdot(u, W v)`` up to rounding (last bits).
     """
-    weight_mat_h = weight_mat.H
+    mat = WeightMatrix(weight, dim)
+    last = None
     for _ in range(n):
         if order == "uv":
-            F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
-            F.normalize(torch.mv(weight_mat_h, u), dim=0, eps=eps, out=v)
+            _normalize_into(mat.mv(v), u, eps)
+            last = _normalize_into(mat.mv_h(u), v, eps)
         else:
-            F.normalize(torch.mv(weight_mat_h, u), dim=0, eps=eps, out=v)
-            F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
+            _normalize_into(mat.mv_h(u), v, eps)
+            last = _normalize_into(mat.mv(v), u, eps)
+    if last is None:
+        return None
+    norm, denom = last
+    return (norm / denom).mul_(norm).view(())
+
+
+@torch.no_grad()
+def _sigma(weight: torch.Tensor, dim: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sigma = u^H W v with the stored u, v (a 0-d tensor; complex for complex weights)."""
+    return torch.vdot(u, WeightMatrix(weight, dim).mv(v))
+
+
+def weight_grad(grad, weight, sigma, u, v, dim: int) -> torch.Tensor:
+    """dL/dW of W -> W / sigma with u, v constant and sigma = u^H W v, from G = dL/dW_sn:
+
+        (G - <W_sn, G> u v^H) / conj(sigma),   <A, B> = sum(conj(A) * B)
+
+    (``dualsn.spec.normalized_weight_grad``). Computed in two passes over W: one dot
+    product <W, G> (<W_sn, G> = <W, G> / conj(sigma)) and one fused rank-1 update.
+    """
+    mat = WeightMatrix(weight, dim)
+    sigma_c = sigma.conj()
+    dot = torch.vdot(weight.reshape(-1), grad.reshape(-1))
+    if grad.device.type == "cpu" and not _is_compiling():
+        # Reading the scalars is free on the CPU, and BLAS then scales while it adds.
+        s_c = sigma_c.item()
+        if s_c != 0:
+            return mat.add_rank1(grad, u, v, 1 / s_c, -dot.item() / (s_c * s_c))
+    # Elsewhere (CUDA, compiled code) a .item() would synchronize: keep the scalars in
+    # tensors, at the price of a second pass. (Also sigma == 0: inf/nan, as tensors give.)
+    out = mat.add_rank1(grad, u * (-dot / sigma_c), v, 1, 1)
+    return out.div_(sigma_c)
+
+
+def _weight_grad_differentiable(grad, weight, u, v, dim: int) -> torch.Tensor:
+    """:func:`weight_grad` built from differentiable operations on W (sigma recomputed as
+    u^H W v), for backward passes that record a graph (``create_graph=True``)."""
+    mat = WeightMatrix(weight, dim)
+    sigma = torch.vdot(u, mat.mv(v))
+    dot = torch.vdot((weight / sigma).reshape(-1), grad.reshape(-1))
+    return (grad - dot * mat.rank1(u, v)) / sigma.conj()
+
+
+class _DivideBySigma(torch.autograd.Function):
+    """``W -> W / sigma`` where sigma = u^H W v, with u, v and sigma's value given.
+
+    Autograd of the plain expression would record ``W / sigma`` *and* the product
+    ``u^H (W v)``, and its backward would make several W-sized temporaries. This backward is
+    the closed form :func:`weight_grad` instead (same value, up to rounding). Saved: W (the
+    input itself, no copy), sigma and the u, v clones.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, sigma, u, v, dim):
+        ctx.save_for_backward(weight, sigma, u, v)
+        ctx.dim = dim
+        return weight / sigma
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        with _no_autocast(grad.device.type):  # backward() may be called inside autocast
+            weight, sigma, u, v = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+                grad_w = _weight_grad_differentiable(grad, weight, u, v, ctx.dim)
+            else:
+                grad_w = weight_grad(grad, weight, sigma, u, v, ctx.dim)
+        return grad_w, None, None, None, None
 
 
 def spectral_norm_forward(
@@ -82,22 +276,88 @@ def spectral_norm_forward(
     spec: _spec.Spec,
     training: bool,
 ) -> torch.Tensor:
-    """The normalized weight for one forward (the whole per-forward computation).
+    """The normalized weight for one forward (the whole per-forward computation, uncached).
 
     Training mode first runs ``spec.n_power_iterations`` iterations on the ``u``, ``v``
     buffers in place. Gradients flow into ``weight`` only; u and v are constants.
     """
     if spec.is_exact_vector(weight.ndim):
         return F.normalize(weight, dim=0, eps=spec.eps)
-    weight_mat = weight_to_matrix(weight, dim)
     if training:
-        power_iteration_(weight_mat, u, v, spec.n_power_iterations, spec.order, spec.eps)
-    # Clone so that a later forward, which updates the buffers in place, does not change
-    # tensors this forward's graph saved for backward (loss = D(real) - D(fake)).
-    u = u.clone(memory_format=torch.contiguous_format)
-    v = v.clone(memory_format=torch.contiguous_format)
-    sigma = torch.vdot(u, torch.mv(weight_mat, v))
-    return weight / sigma
+        sigma = power_iteration_(weight, dim, u, v, spec.n_power_iterations, spec.order, spec.eps)
+    else:
+        sigma = _sigma(weight, dim, u, v)
+    return _divide(weight, sigma, u, v, dim)
+
+
+def _divide(weight, sigma, u, v, dim: int) -> torch.Tensor:
+    """W / sigma, through :class:`_DivideBySigma` when autograd records it."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return weight / sigma
+    # Clone u, v: a later forward updates the buffers in place, and this forward's backward
+    # needs them as they are now (loss = D(real) - D(fake) runs two forwards, one backward).
+    return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval-mode cache
+
+_SAMPLES = 256
+"""Entries of W compared by value on every cache hit (see :class:`_EvalCache`)."""
+
+
+class _EvalCache:
+    """The normalized weight of the last eval forward, and what it was computed from.
+
+    Valid while W, u and v are unchanged. W is identified by the tensor object, its storage
+    (held, so its address cannot be reused), data pointer, dtype, device, shape, strides and
+    version counter (every tracked in-place change bumps it: optimizer steps,
+    ``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``.data`` bypass the
+    version counter, so a few hundred entries spread over W are also compared by value (this
+    catches whole-tensor updates such as an EMA done through ``.data``). u and v are small:
+    they are compared by value in full. The returned tensor's own version counter guards
+    against the caller changing it in place.
+    """
+
+    __slots__ = ("weight", "storage", "key", "index", "sample", "u", "v", "sigma", "out", "out_version")
+
+    def __init__(self, weight, u, v, sigma) -> None:
+        self.weight = weight
+        self.storage = weight.untyped_storage()
+        self.key = self._key(weight)
+        n = weight.numel()
+        if n <= _SAMPLES:
+            self.index = torch.arange(n, device=weight.device)
+        else:  # evenly spread, first and last included (integer arithmetic: exact for any n)
+            self.index = torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
+        self.sample = torch.take(weight, self.index)
+        self.u, self.v = u.clone(), v.clone()
+        self.sigma = sigma
+        self.out = self.out_version = None
+
+    @staticmethod
+    def _key(weight):
+        return (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape, weight.stride())
+
+    def matches(self, weight, u, v) -> bool:
+        return (
+            weight is self.weight
+            and self._key(weight) == self.key
+            and u.device == self.u.device
+            and u.dtype == self.u.dtype
+            and torch.equal(u, self.u)
+            and torch.equal(v, self.v)
+            and torch.equal(torch.take(weight, self.index), self.sample)
+        )
+
+    def output(self):
+        """The cached normalized weight, or None if there is none or it was modified."""
+        if self.out is None or self.out._version != self.out_version:
+            return None
+        return self.out
+
+    def set_output(self, out) -> None:
+        self.out, self.out_version = out, out._version
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +377,12 @@ class SpectralNorm(nn.Module):
     the algorithm. Buffers ``_u`` and ``_v`` hold the singular-vector estimates; they are
     None (and absent from the state dict) for a weight the spec normalizes exactly.
 
+    In eval mode, when no autograd graph is recorded (``torch.no_grad()``, or a frozen
+    weight), the normalized weight is cached and returned again while W, u and v are
+    unchanged (see :class:`_EvalCache`); ``cache_eval = False`` turns that off. When a graph
+    is recorded only sigma is reused. The cache costs one extra W-sized tensor in memory; it
+    is dropped by ``train()``/``eval()`` and device or dtype moves.
+
     The constructor only draws u and v; :func:`spectral_norm` runs the registration
     iterations.
     """
@@ -125,10 +391,12 @@ class SpectralNorm(nn.Module):
         super().__init__()
         self.spec = spec
         self.dim = dim
+        self.cache_eval = True
+        self._cache: _EvalCache | None = None
         u = v = None
         if not spec.is_exact_vector(weight.ndim):
             with torch.no_grad():
-                h, w = weight_to_matrix(weight, dim).shape
+                h, w = _spec.matrix_shape(tuple(weight.shape), dim)
                 if seed is not None:
                     u, v = _seeded_uv(h, w, seed, weight, spec.eps)
                 else:
@@ -150,19 +418,59 @@ class SpectralNorm(nn.Module):
     def iterate(self, weight: torch.Tensor, n: int) -> None:
         """``n`` power iterations on ``weight``'s W-matrix (no-op without u, v)."""
         if self._u is not None and n > 0:
-            power_iteration_(
-                weight_to_matrix(weight, self.dim), self._u, self._v, n, self.spec.order, self.spec.eps
-            )
+            power_iteration_(weight, self.dim, self._u, self._v, n, self.spec.order, self.spec.eps)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         """sigma of ``weight`` from the current state, without iterating or recording grad."""
         with torch.no_grad():
             if self._u is None:
                 return torch.linalg.vector_norm(weight).clamp_min(self.spec.eps)
-            return torch.vdot(self._u, torch.mv(weight_to_matrix(weight, self.dim), self._v))
+            return _sigma(weight, self.dim, self._u, self._v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return spectral_norm_forward(weight, self._u, self._v, self.dim, self.spec, self.training)
+        with _no_autocast(weight.device.type):
+            if self.training or self._u is None:
+                return spectral_norm_forward(weight, self._u, self._v, self.dim, self.spec, self.training)
+            return self._eval_forward(weight)
+
+    def _eval_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        u, v = self._u, self._v
+        cacheable = (
+            self.cache_eval
+            and not _is_compiling()
+            and not (weight.is_inference() or u.is_inference() or v.is_inference())
+        )
+        if not cacheable:
+            return _divide(weight, _sigma(weight, self.dim, u, v), u, v, self.dim)
+        cache = self._cache
+        if cache is None or not cache.matches(weight, u, v):
+            # Built as normal tensors even in inference mode: their version counters can be
+            # read, and sigma and the result stay usable where autograd records later.
+            with torch.inference_mode(False), torch.no_grad():
+                cache = self._cache = _EvalCache(weight, u, v, _sigma(weight, self.dim, u, v))
+        if torch.is_grad_enabled() and weight.requires_grad:
+            # autograd needs a graph from W: reuse sigma only
+            return _divide(weight, cache.sigma, u, v, self.dim)
+        out = cache.output()
+        if out is None:
+            with torch.inference_mode(False), torch.no_grad():
+                out = weight / cache.sigma
+            cache.set_output(out)
+        return out
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # copies and pickles start without a cache
+        state = super().__getstate__()
+        state["_cache"] = None
+        return state
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # Assigning module.<name> = X stores X itself as the unnormalized weight.
