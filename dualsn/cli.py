@@ -11,10 +11,28 @@ Subcommands:
     the same random input to both models (in eval mode) and prints the largest absolute and
     relative difference of their outputs. DST is written only when everything succeeded.
 
-Exit codes: 0 success; 1 ``--check`` found a difference above ``--rtol``; 2 bad usage; 3 SRC
-does not exist; 4 SRC is not a checkpoint this tool can read (unknown or wrong format, or
-content it refuses); 5 a factory cannot be imported or called, or does not return a model;
-6 the checkpoint does not fit the model; 7 DST exists (pass ``--overwrite``).
+``dualsn demo``
+    Trains a small SN-GAN discriminator in PyTorch on synthetic data, ports it to Paddle and
+    trains both in lockstep, printing per-layer sigma and the torch/Paddle differences per step
+    (see :mod:`dualsn.demo`). Exit 1 if they differ beyond ``--rtol``.
+
+``dualsn report --model pkg.module:factory [--checkpoint FILE] [--plot FILE.png]``
+    Per-layer table of every spectral norm in the model: sigma estimate vs the exact largest
+    singular value (SVD), and the products of sigma (see :mod:`dualsn.report`). ``--plot``
+    draws the estimate over power iterations (needs the ``plot`` extra: matplotlib).
+
+``dualsn check [--quick]``
+    Runs the conformance suite (``conformance.run``) on the drivers whose frameworks are
+    installed and prints a case x driver pass/fail matrix. Needs the source checkout: the
+    top-level ``backends/`` and ``conformance/`` folders next to the ``dualsn`` package.
+
+Exit codes: 0 success; 1 ``port --check`` or ``demo`` found a difference above ``--rtol``, or
+``check`` found a failing case; 2 bad usage, or ``check`` without the source checkout; 3 a
+file (SRC, ``--checkpoint``) does not exist; 4 it is not a checkpoint this tool can read
+(unknown or wrong format, or content it refuses); 5 a factory cannot be imported or called, or
+does not return a model; 6 the checkpoint does not fit the model; 7 DST exists (pass
+``--overwrite``); 8 an optional dependency is missing (a framework, or matplotlib for
+``--plot``): the message names the ``pip install "dualsn[...]"`` extra.
 
 Neither framework is imported until a subcommand needs one. New subcommands register
 themselves in :func:`build_parser` with an ``add_<name>_parser`` function.
@@ -36,6 +54,7 @@ EXIT_BAD_FORMAT = 4
 EXIT_FACTORY = 5
 EXIT_MISMATCH = 6
 EXIT_EXISTS = 7
+EXIT_MISSING = 8
 
 # Checkpoints with at least this many elements get a progress bar (on a terminal).
 PROGRESS_MIN_ELEMENTS = 16 * 2**20
@@ -330,6 +349,207 @@ def run_port(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# dualsn demo
+
+
+def add_demo_parser(subparsers) -> None:
+    from dualsn import demo
+
+    p = subparsers.add_parser(
+        "demo",
+        help="train an SN-GAN discriminator in PyTorch, port it to Paddle, train both in lockstep",
+        description="Builds a small SN-GAN discriminator in PyTorch (fixed seed), trains it on "
+        "synthetic data, ports it to Paddle with dualsn.port and trains both on the same batches, "
+        "printing each layer's sigma and the largest relative torch/Paddle difference per step. "
+        "Exits 1 if a difference exceeds --rtol. Needs both frameworks; downloads nothing.",
+    )
+    p.add_argument("--steps", type=int, default=demo.STEPS,
+                   help=f"lockstep steps after the port (default {demo.STEPS})")
+    p.add_argument("--torch-steps", type=int, default=demo.TORCH_STEPS,
+                   help=f"steps in PyTorch alone before the port (default {demo.TORCH_STEPS})")
+    p.add_argument("--batch", type=int, default=demo.BATCH, help=f"batch size (default {demo.BATCH})")
+    p.add_argument("--lr", type=float, default=demo.LR, help=f"SGD learning rate (default {demo.LR})")
+    p.add_argument("--seed", type=int, default=demo.SEED, help=f"seed of everything (default {demo.SEED})")
+    p.add_argument("--rtol", type=float, default=demo.RTOL,
+                   help=f"largest relative torch/Paddle difference accepted (default {demo.RTOL:g})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (by default it is shown when stderr is a terminal)")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from dualsn import demo
+
+    for option, value, low in (("--steps", args.steps, 1), ("--torch-steps", args.torch_steps, 0),
+                               ("--batch", args.batch, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            raise CLIError(EXIT_USAGE, f"{option} {value}: expected an integer >= {low}")
+    if not (args.rtol > 0 and args.lr > 0):
+        raise CLIError(EXIT_USAGE, "--rtol and --lr must be > 0")
+    try:
+        result = demo.run(steps=args.steps, torch_steps=args.torch_steps, batch=args.batch,
+                          seed=args.seed, rtol=args.rtol, lr=args.lr, progress=args.progress)
+    except demo.MissingFramework as e:
+        raise CLIError(EXIT_MISSING, str(e)) from None
+    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# dualsn report
+
+
+def add_report_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="per-layer sigma estimate vs exact SVD, and the Lipschitz products",
+        description="Builds the model with --model (optionally loading --checkpoint, torch or "
+        "Paddle format) and prints, for every spectral norm in it, the sigma estimate, the exact "
+        "largest singular value of its W-matrix and their relative error, plus the products of "
+        "sigma. Those products bound the Lipschitz constant of a plain chain of layers only; for "
+        "convolutions the reshaped-kernel sigma is not the operator norm, so there they are "
+        "heuristics.",
+    )
+    p.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
+                   help="factory that builds the model (called without arguments)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="state to load first (.pt/.pth or .pdparams; ported if from the other framework)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the estimate vs exact over power iterations, per layer (needs matplotlib)")
+    p.add_argument("--iterations", type=int, default=30, help="power iterations in the plot (default 30)")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args) -> int:
+    import importlib.util
+
+    from dualsn import port, report
+
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CLIError(EXIT_MISSING, '--plot needs matplotlib: pip install "dualsn[plot]"')
+        if args.iterations < 1:
+            raise CLIError(EXIT_USAGE, f"--iterations {args.iterations}: expected an integer >= 1")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise CLIError(EXIT_NO_FILE, f"{args.checkpoint}: no such file")
+    model = build_model(args.model, "--model")
+    if args.checkpoint is not None:
+        try:
+            state = port.load_checkpoint(args.checkpoint)
+            port.load_state_dict(model, state, source=port.detect_format(args.checkpoint))
+        except port.CheckpointError as e:
+            raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
+        except port.PortError as e:
+            raise CLIError(EXIT_MISMATCH, f"{args.checkpoint} does not fit --model: {e}") from None
+    result = report.report(model)
+    print(result.to_markdown() if args.markdown else str(result))
+    if args.plot is not None:
+        if not result.layers:
+            raise CLIError(EXIT_USAGE, "--plot: the model has no spectral norm to plot")
+        result.plot(args.plot, iterations=args.iterations)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# dualsn check
+
+QUICK_CASES = ("linear-f32", "linear_compat-f32", "conv2d-f32", "convtranspose2d-f64", "embedding-f32",
+               "vector-f32")
+"""``dualsn check --quick``: one case per kind of W-matrix (plain, Paddle-layout Linear, conv,
+transposed conv with dim 1, embedding, exact 1-D), every sequence."""
+
+
+def source_checkout() -> str | None:
+    """The repository root holding ``backends/`` and ``conformance/`` next to the installed
+    ``dualsn`` package, or None (an installed wheel has neither)."""
+    import dualsn
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dualsn.__file__)))
+    needed = [os.path.join(root, d, "__init__.py") for d in ("backends", "conformance")]
+    return root if all(os.path.isfile(f) for f in needed) else None
+
+
+def add_check_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="run the conformance suite on the installed backends",
+        description="Runs every conformance case and sequence on each driver whose framework is "
+        "installed (numpy reference, dualsn torch/Paddle, the built-ins), against the reference "
+        "and the golden traces, and prints a case x driver pass/fail matrix. Exit 0 iff nothing "
+        "failed. Needs the source checkout (backends/ and conformance/ next to dualsn/).",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"only the cases {', '.join(QUICK_CASES)}")
+    p.add_argument("--case", action="append", metavar="ID", help="only this case (repeatable)")
+    p.add_argument("--driver", action="append", metavar="NAME", help="only this driver (repeatable)")
+    p.add_argument("--no-golden", dest="golden", action="store_false",
+                   help="compare with the live reference only, not the stored golden traces")
+    p.add_argument("--verbose", action="store_true", help="print every failure's full detail")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args) -> int:
+    root = source_checkout()
+    if root is None:
+        raise CLIError(
+            EXIT_USAGE,
+            "the conformance suite is not installed with the package: run `dualsn check` from a "
+            "source checkout of dualsn (it needs the backends/ and conformance/ folders next to "
+            "the dualsn/ package directory), e.g. `pip install -e .` in a git clone",
+        )
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import backends
+    import conformance
+    from backends.base import importable
+    from conformance import cases
+
+    known = {c.id for c in cases.CASES}
+    if args.case:
+        unknown = [c for c in args.case if c not in known]
+        if unknown:
+            raise CLIError(EXIT_USAGE, f"--case: unknown case(s) {unknown}; known: {sorted(known)}")
+        case_ids = args.case
+    elif args.quick:
+        case_ids = [c for c in QUICK_CASES if c in known] or [c.id for c in cases.CASES[:4]]
+    else:
+        case_ids = None
+    names = args.driver or backends.names()
+    unknown = [d for d in names if d not in backends.DRIVERS]
+    if unknown:
+        raise CLIError(EXIT_USAGE, f"--driver: unknown driver(s) {unknown}; known: {backends.names()}")
+    drivers, absent = [], []
+    for name in names:
+        missing = [m for m in backends.DRIVERS[name].requires if not importable(m)]
+        (absent if missing else drivers).append((name, missing))
+    drivers = [n for n, _ in drivers]
+    for name, missing in absent:
+        print(f"skipping driver {name}: {', '.join(missing)} is not installed "
+              f'(pip install "dualsn[{missing[0]}]")')
+
+    from tqdm import tqdm
+
+    targets = conformance.targets(drivers, args.golden)
+    chosen = case_ids if case_ids is not None else [c.id for c in cases.CASES]
+    results = []
+    for case_id in tqdm(chosen, desc="conformance", unit="case", file=sys.stderr, disable=None):
+        results += conformance.run(drivers=drivers, cases=[case_id], golden=args.golden)
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "skip")}
+    print(conformance.format_matrix(results))
+    print()
+    failed = [r for r in results if r.status == "FAIL"]
+    for r in failed[: None if args.verbose else 10]:
+        detail = r.detail if args.verbose else (r.detail.strip().splitlines() or [""])[-1][:200]
+        print(f"FAIL {r.case} / {r.sequence} / {r.target}: {detail}")
+    if len(failed) > 10 and not args.verbose:
+        print(f"... and {len(failed) - 10} more failures (--verbose prints all)")
+    print(f"{len(results)} checks ({len(chosen)} cases x {len(targets)} driver:preset:oracle targets x "
+          f"sequences): {counts['pass']} passed, {counts['FAIL']} failed, {counts['skip']} skipped")
+    return EXIT_CHECK_FAILED if failed or not results else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -343,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dualsn {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_port_parser(subparsers)
+    add_demo_parser(subparsers)
+    add_report_parser(subparsers)
+    add_check_parser(subparsers)
     return parser
 
 
