@@ -76,6 +76,21 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of u, v and of all spectral-norm math for a weight of ``dtype``: float32 for
+    float16 / bfloat16 weights (a unit vector in half precision holds ~3 digits, and the
+    power iteration's rounding would bias sigma; see docs/training.md), else ``dtype``."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _upcast(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in :func:`_compute_dtype` (a float32 copy of a half-precision weight)."""
+    return weight.to(_compute_dtype(weight.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # The W-matrix, without copying the weight
 #
@@ -188,7 +203,7 @@ def power_iteration_(
     r * (r / max(r, eps)), which is exactly r when r > eps (r / r == 1 in floating point).
     It agrees with ``vdot(u, W v)`` up to rounding (last bits).
     """
-    mat = WeightMatrix(weight, dim)
+    mat = WeightMatrix(_upcast(weight), dim)
     last = None
     for _ in range(n):
         if order == "uv":
@@ -206,7 +221,7 @@ def power_iteration_(
 @torch.no_grad()
 def _sigma(weight: torch.Tensor, dim: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """sigma = u^H W v with the stored u, v (a 0-d tensor; complex for complex weights)."""
-    return torch.vdot(u, WeightMatrix(weight, dim).mv(v))
+    return torch.vdot(u, WeightMatrix(_upcast(weight), dim).mv(v))
 
 
 def weight_grad(grad, weight, sigma, u, v, dim: int) -> torch.Tensor:
@@ -281,6 +296,10 @@ def spectral_norm_forward(
     Training mode first runs ``spec.n_power_iterations`` iterations on the ``u``, ``v``
     buffers in place. Gradients flow into ``weight`` only; u and v are constants.
     """
+    if weight.dtype in _LOW_PRECISION:
+        # All the math in float32 (u, v are float32 too), the result cast back; autograd
+        # carries the gradient through both casts.
+        return spectral_norm_forward(weight.float(), u, v, dim, spec, training).to(weight.dtype)
     if spec.is_exact_vector(weight.ndim):
         return F.normalize(weight, dim=0, eps=spec.eps)
     if training:
@@ -365,9 +384,10 @@ class _EvalCache:
 
 
 def _seeded_uv(h: int, w: int, seed: int, like: torch.Tensor, eps: float):
-    """u, v from ``spec.init_uv`` in the weight's dtype and device."""
-    u0, v0 = _spec.init_uv(h, w, seed, _spec.init_dtype(str(like.dtype)), eps)
-    return tuple(torch.from_numpy(a).to(device=like.device, dtype=like.dtype) for a in (u0, v0))
+    """u, v from ``spec.init_uv`` in the weight's compute dtype, on its device."""
+    dtype = _compute_dtype(like.dtype)
+    u0, v0 = _spec.init_uv(h, w, seed, _spec.init_dtype(str(dtype)), eps)
+    return tuple(torch.from_numpy(a).to(device=like.device, dtype=dtype) for a in (u0, v0))
 
 
 class SpectralNorm(nn.Module):
@@ -375,7 +395,9 @@ class SpectralNorm(nn.Module):
 
     Attributes ``spec`` (the :class:`dualsn.spec.Spec`) and ``dim`` (non-negative) describe
     the algorithm. Buffers ``_u`` and ``_v`` hold the singular-vector estimates; they are
-    None (and absent from the state dict) for a weight the spec normalizes exactly.
+    None (and absent from the state dict) for a weight the spec normalizes exactly. They
+    are float32 for float16 / bfloat16 weights (the math then runs in float32 and the
+    normalized weight is cast back), and stay float32 when the module is cast later.
 
     In eval mode, when no autograd graph is recorded (``torch.no_grad()``, or a frozen
     weight), the normalized weight is cached and returned again while W, u and v are
@@ -401,8 +423,9 @@ class SpectralNorm(nn.Module):
                     u, v = _seeded_uv(h, w, seed, weight, spec.eps)
                 else:
                     # The torch built-ins' draw: u's normals, then v's, from torch's RNG.
-                    u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=spec.eps)
-                    v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=spec.eps)
+                    dtype = _compute_dtype(weight.dtype)
+                    u = F.normalize(weight.new_empty(h).normal_(0, 1).to(dtype), dim=0, eps=spec.eps)
+                    v = F.normalize(weight.new_empty(w).normal_(0, 1).to(dtype), dim=0, eps=spec.eps)
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
 
@@ -424,12 +447,12 @@ class SpectralNorm(nn.Module):
         """sigma of ``weight`` from the current state, without iterating or recording grad."""
         with torch.no_grad():
             if self._u is None:
-                return torch.linalg.vector_norm(weight).clamp_min(self.spec.eps)
+                return torch.linalg.vector_norm(_upcast(weight)).clamp_min(self.spec.eps)
             return _sigma(weight, self.dim, self._u, self._v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with _no_autocast(weight.device.type):
-            if self.training or self._u is None:
+            if self.training or self._u is None or weight.dtype in _LOW_PRECISION:
                 return spectral_norm_forward(weight, self._u, self._v, self.dim, self.spec, self.training)
             return self._eval_forward(weight)
 
@@ -464,7 +487,14 @@ class SpectralNorm(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._cache = None
-        return super()._apply(fn, *args, **kwargs)
+        before = (self._u, self._v)
+        result = super()._apply(fn, *args, **kwargs)
+        if self._u is not None and self._u.dtype in _LOW_PRECISION:
+            # module.half() / .to(torch.bfloat16): u, v stay float32 (see _compute_dtype),
+            # taken from before the cast so that they are not rounded through half precision.
+            device = self._u.device
+            self._u, self._v = (t.to(device=device, dtype=torch.float32) for t in before)
+        return result
 
     def __getstate__(self):
         # copies and pickles start without a cache
@@ -482,6 +512,36 @@ class SpectralNorm(nn.Module):
             f"dim={self.dim}, n_power_iterations={s.n_power_iterations}, eps={s.eps}, "
             f"order={s.order!r}, vector_mode={s.vector_mode!r}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickling. parametrize gives each parametrized module a class of its own, made on the fly,
+# whose __getstate__ refuses to pickle ("only supported through state_dict()"). A module
+# carrying dualsn's spectral norm pickles instead as: its original class, the names of its
+# parametrized tensors and its __dict__; unpickling makes a bare instance, lets parametrize
+# give it a fresh class and properties, and restores the __dict__ (parametrizations
+# included). So torch.save(model) and copy / multiprocessing pickles work.
+
+
+def _rebuild_parametrized(base_cls: type, names: tuple[str, ...]) -> nn.Module:
+    module = base_cls.__new__(base_cls)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    _make_picklable(module)
+    return module
+
+
+def _reduce_parametrized(module: nn.Module, protocol):
+    base_cls = type(module).__bases__[0]
+    names = tuple(module.parametrizations.keys())
+    return _rebuild_parametrized, (base_cls, names), module.__dict__.copy()
+
+
+def _make_picklable(module: nn.Module) -> None:
+    """Let the parametrized ``module`` be pickled (its class is its own: see above)."""
+    if hasattr(parametrize, "_inject_new_class") and hasattr(parametrize, "_inject_property"):
+        type(module).__reduce_ex__ = _reduce_parametrized
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +677,7 @@ def spectral_norm(
     # unsafe=True: register_parametrization would otherwise evaluate the parametrization once
     # (one more iteration in training mode); registration_iterations already counts that.
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    _make_picklable(module)
     return module
 
 

@@ -676,7 +676,8 @@ def test_float32_and_bfloat16_follow_the_builtin():
             out_ref.square().sum().backward()
             out_ours.square().sum().backward()
             assert_nearly_equal(sn_state(ours)[0].grad, sn_state(ref)[0].grad, rtol)
-            assert_nearly_equal(sn_state(ours)[1], sn_state(ref)[1], rtol)
+            # dualsn keeps u, v of a bfloat16 weight in float32 (docs/training.md)
+            assert_nearly_equal(sn_state(ours)[1].to(dtype), sn_state(ref)[1], rtol)
 
 
 def test_channels_last_weight():
