@@ -49,10 +49,12 @@ __all__ = [
 ]
 
 
-def _is_compiling() -> bool:
-    """Whether torch.compile is tracing this code (torch.compiler.is_compiling, torch >= 2.3)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(check()) if check is not None else False
+def _no_compiler() -> bool:
+    return False
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or _no_compiler
+"""Whether torch.compile is tracing this code (``torch.compiler.is_compiling``, torch >= 2.3)."""
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -328,55 +330,62 @@ _SAMPLES = 256
 class _EvalCache:
     """The normalized weight of the last eval forward, and what it was computed from.
 
-    Valid while W, u and v are unchanged. W is identified by the tensor object, its storage
-    (held, so its address cannot be reused), data pointer, dtype, device, shape, strides and
-    version counter (every tracked in-place change bumps it: optimizer steps,
-    ``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``.data`` bypass the
-    version counter, so a few hundred entries spread over W are also compared by value (this
-    catches whole-tensor updates such as an EMA done through ``.data``). u and v are small:
-    they are compared by value in full. The returned tensor's own version counter guards
-    against the caller changing it in place.
+    It is valid while W, u and v are unchanged, which :meth:`valid` checks on every use:
+
+    * W, u, v are the same tensor objects, W with the same data pointer, shape and strides
+      (W's storage is held here, so its address cannot be reused by another tensor);
+    * their version counters did not move: every tracked in-place change bumps them
+      (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
+    * 256 entries spread over W are unchanged by value: writes through ``.data`` bypass the
+      version counter, and this catches whole-tensor ones such as an EMA of the weights
+      written through ``.data`` (u and v written through ``.data`` while W is not changed are
+      not seen: set ``cache_eval = False`` for such code);
+    * the returned tensor's own version counter did not move (the caller did not modify it).
+
+    The check is kept to a few attribute reads and two tensor operations on purpose: an eval
+    forward streams W through the CPU caches, so everything here runs cache-cold.
     """
 
-    __slots__ = ("weight", "storage", "key", "index", "sample", "u", "v", "sigma", "out", "out_version")
+    __slots__ = ("weight", "u", "v", "storage", "index", "sample", "key", "sigma", "out")
 
     def __init__(self, weight, u, v, sigma) -> None:
-        self.weight = weight
+        self.weight, self.u, self.v = weight, u, v
         self.storage = weight.untyped_storage()
-        self.key = self._key(weight)
         n = weight.numel()
         if n <= _SAMPLES:
             self.index = torch.arange(n, device=weight.device)
         else:  # evenly spread, first and last included (integer arithmetic: exact for any n)
             self.index = torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
         self.sample = torch.take(weight, self.index)
-        self.u, self.v = u.clone(), v.clone()
         self.sigma = sigma
-        self.out = self.out_version = None
+        self.out = None
+        self.key = self._key(weight, u, v, None)
 
     @staticmethod
-    def _key(weight):
-        return (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape, weight.stride())
+    def _key(weight, u, v, out):
+        return (
+            weight._version,
+            weight.data_ptr(),
+            weight.shape,
+            weight.stride(),
+            u._version,
+            v._version,
+            None if out is None else out._version,
+        )
 
-    def matches(self, weight, u, v) -> bool:
+    def valid(self, weight, u, v) -> bool:
+        """Whether the cached sigma (and output, if any) still belong to ``weight``, u, v."""
         return (
             weight is self.weight
-            and self._key(weight) == self.key
-            and u.device == self.u.device
-            and u.dtype == self.u.dtype
-            and torch.equal(u, self.u)
-            and torch.equal(v, self.v)
+            and u is self.u
+            and v is self.v
+            and self._key(weight, u, v, self.out) == self.key
             and torch.equal(torch.take(weight, self.index), self.sample)
         )
 
-    def output(self):
-        """The cached normalized weight, or None if there is none or it was modified."""
-        if self.out is None or self.out._version != self.out_version:
-            return None
-        return self.out
-
     def set_output(self, out) -> None:
-        self.out, self.out_version = out, out._version
+        self.out = out
+        self.key = self._key(self.weight, self.u, self.v, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +460,17 @@ class SpectralNorm(nn.Module):
             return _sigma(weight, self.dim, self._u, self._v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        if (
+            cache is not None
+            and cache.out is not None
+            and self.cache_eval
+            and not self.training
+            and not _is_compiling()
+            and not (torch.is_grad_enabled() and weight.requires_grad)
+            and cache.valid(weight, self._buffers["_u"], self._buffers["_v"])
+        ):
+            return cache.out  # eval, nothing changed: the fast path (see _EvalCache)
         with _no_autocast(weight.device.type):
             if self.training or self._u is None or weight.dtype in _LOW_PRECISION:
                 return spectral_norm_forward(weight, self._u, self._v, self.dim, self.spec, self.training)
@@ -466,7 +486,7 @@ class SpectralNorm(nn.Module):
         if not cacheable:
             return _divide(weight, _sigma(weight, self.dim, u, v), u, v, self.dim)
         cache = self._cache
-        if cache is None or not cache.matches(weight, u, v):
+        if cache is None or not cache.valid(weight, u, v):
             # Built as normal tensors even in inference mode: their version counters can be
             # read, and sigma and the result stay usable where autograd records later.
             with torch.inference_mode(False), torch.no_grad():
@@ -474,11 +494,9 @@ class SpectralNorm(nn.Module):
         if torch.is_grad_enabled() and weight.requires_grad:
             # autograd needs a graph from W: reuse sigma only
             return _divide(weight, cache.sigma, u, v, self.dim)
-        out = cache.output()
-        if out is None:
-            with torch.inference_mode(False), torch.no_grad():
-                out = weight / cache.sigma
-            cache.set_output(out)
+        with torch.inference_mode(False), torch.no_grad():
+            out = weight / cache.sigma
+        cache.set_output(out)
         return out
 
     def train(self, mode: bool = True):
