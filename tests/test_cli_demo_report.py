@@ -102,6 +102,17 @@ def test_report_torch_rows_against_svd_and_backend_sigma():
     assert r.lipschitz_bound == pytest.approx(np.prod(np.divide(exact, np.abs(sig))), rel=1e-12)
 
 
+def test_backend_report_wrappers():
+    m = torch_model()
+    assert [(r.name, r.sigma, r.sigma_exact) for r in dualsn.torch.report(m).rows] == [
+        (r.name, r.sigma, r.sigma_exact) for r in report.report(m).rows
+    ]
+    if hasattr(dualsn.paddle, "report"):
+        layer = dualsn.paddle.spectral_norm(paddle.nn.Linear(4, 3), seed=0)
+        (row,) = dualsn.paddle.report(layer).rows
+        assert row.sigma == pytest.approx(dualsn.paddle.sigma(layer), rel=1e-6)
+
+
 def test_report_changes_nothing():
     m = torch_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
