@@ -334,7 +334,7 @@ def test_cli_demo(capsys):
 def test_demo_sigmas_are_the_layers_and_progress_goes_to_stderr(capsys):
     result = demo.run(steps=1, torch_steps=1, batch=2, progress=True)
     captured = capsys.readouterr()
-    assert "lockstep" in captured.err and "2/2" in captured.err and "%|" not in captured.out
+    assert "lockstep" in captured.err and "/2 [" in captured.err and "%|" not in captured.out
     assert len(result.sigmas) == 2 and len(result.sigmas[0]) == len(result.layers) == 10
     assert result.ok and len(result.out_diff) == len(result.sigma_diff) == 1
 
