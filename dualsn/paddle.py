@@ -19,6 +19,7 @@ This module imports paddle (and numpy, dualsn.spec) and no other framework.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -59,6 +60,30 @@ _COMPLEX_DTYPES = (paddle.complex64, paddle.complex128)
 
 def _is_complex(x) -> bool:
     return x.dtype in _COMPLEX_DTYPES  # paddle.is_complex costs a few microseconds more
+
+
+_LOW_PRECISION = (paddle.float16, paddle.bfloat16)
+
+
+def _compute_dtype(dtype):
+    """The dtype of u, v and of all spectral-norm math for a weight of ``dtype``: float32 for
+    float16 / bfloat16 weights (a unit vector in half precision holds ~3 digits, and Paddle's
+    CPU matmul has no half-precision kernels; see docs/training.md), else ``dtype``."""
+    return paddle.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _upcast(weight):
+    """``weight`` in :func:`_compute_dtype` (a float32 copy of a half-precision weight)."""
+    return weight.astype(paddle.float32) if weight.dtype in _LOW_PRECISION else weight
+
+
+def _amp_off():
+    """A context with paddle.amp.auto_cast off (a no-op one when it already is): on a GPU,
+    level O1 would run the power iteration's matmuls, and the norms read off them, in
+    float16. (Paddle 3.3.1's auto_cast does nothing on the CPU.)"""
+    if paddle.is_autocast_enabled():
+        return paddle.amp.auto_cast(enable=False)
+    return contextlib.nullcontext()
 
 
 def _normalize(x, eps: float):
@@ -248,11 +273,12 @@ class _GradHook:
 
     def __call__(self, grad):
         self.ran = True
-        if not grad.is_leaf:
-            # create_graph=True: the result must be differentiable again, in W as well.
-            return self.differentiable(grad)
-        with paddle.no_grad():
-            return self.first_order(grad)
+        with _amp_off():  # backward() may run inside auto_cast
+            if not grad.is_leaf:
+                # create_graph=True: the result must be differentiable again, in W as well.
+                return self.differentiable(grad)
+            with paddle.no_grad():
+                return self.first_order(grad)
 
 
 class _MatrixGradHook(_GradHook):
@@ -401,6 +427,11 @@ def normalized_weight(
     :class:`_VectorGradHook`. With a ``pool`` the result may be written into one of its
     buffers (real weights).
     """
+    if weight.dtype in _LOW_PRECISION:
+        # All the math in float32 (u, v are float32 too), the result cast back; autograd
+        # carries the gradient through both casts.
+        wide = normalized_weight(weight.astype(paddle.float32), u, v, dim, spec, do_power_iteration)
+        return wide.astype(weight.dtype)
     graph = _needs_graph(weight)
     if not paddle.in_dynamic_mode():
         return _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration)
@@ -644,6 +675,11 @@ class SpectralNormHook:
         u, v = buffers.get(self.name + "_u"), buffers.get(self.name + "_v")
         if u is None or v is None:
             u, v = getattr(layer, self.name + "_u"), getattr(layer, self.name + "_v")
+        if u.dtype in _LOW_PRECISION:
+            # The layer was cast after registration (layer.to, amp.decorate at level O2):
+            # u, v go back to float32, the dtype the math runs in (see _compute_dtype).
+            u, v = u.astype(paddle.float32), v.astype(paddle.float32)
+            layer._buffers[self.name + "_u"], layer._buffers[self.name + "_v"] = u, v
         return weight, u, v
 
     def compute_weight(self, layer, do_power_iteration: bool):
@@ -657,7 +693,8 @@ class SpectralNormHook:
         self._cache = None
 
     def __call__(self, layer, inputs) -> None:
-        value = self._forward_weight(layer)
+        with _amp_off():
+            value = self._forward_weight(layer)
         if self.name in layer._buffers and paddle.in_dynamic_mode():
             # where Layer.__setattr__ would put it (a non-persistable buffer), without its
             # checks, which cost tens of microseconds in a cold cache
@@ -744,8 +781,8 @@ def _real_dtype(dtype):
 
 
 def _initial_uv(weight, h: int, w: int, seed: int | None, eps: float):
-    """Normalized initial u, v as tensors of the weight's dtype and place."""
-    dtype = weight.dtype
+    """Normalized initial u, v as tensors of the weight's compute dtype, on its place."""
+    dtype = _compute_dtype(weight.dtype)
     if seed is not None:
         u0, v0 = _spec.init_uv(h, w, seed, _spec.init_dtype(str(dtype)), eps)
         return tuple(
@@ -824,7 +861,7 @@ def spectral_norm(
         with paddle.no_grad():
             u, v = _initial_uv(weight, h, w, seed, spec.eps)
             _power_iteration_(
-                WeightMatrix(weight, dim), u, v, spec.registration_iterations(layer.training),
+                WeightMatrix(_upcast(weight), dim), u, v, spec.registration_iterations(layer.training),
                 spec.order, spec.eps,
             )
     hook = SpectralNormHook(name, dim, spec, exact)
@@ -885,7 +922,7 @@ def sigma(layer, name: str = "weight") -> float:
             # numpy has no bfloat16: widen in paddle first.
             wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
             return max(float(np.linalg.norm(wide.numpy().ravel())), hook.spec.eps)
-        value = _sigma(WeightMatrix(weight, hook.dim), u, v)
+        value = _sigma(WeightMatrix(_upcast(weight), hook.dim), u, v)
         value = value.astype(paddle.complex128 if _is_complex(value) else paddle.float64)
     return float(np.real(value.numpy()))
 
