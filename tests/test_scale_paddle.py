@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 paddle = pytest.importorskip("paddle")
-import paddle.nn.functional as F  # noqa: E402
 
 import _scale_common as common  # noqa: E402
 import dualsn  # noqa: E402
