@@ -36,6 +36,7 @@ __all__ = [
     "from_matrix",
     "normalize",
     "init_uv",
+    "LOW_PRECISION_DTYPES",
     "init_extra_uv",
     "manual_seed",
     "next_seed",
@@ -298,6 +299,13 @@ def init_dtype(dtype_name: str) -> np.dtype:
     """
     bare = str(dtype_name).rpartition(".")[2]
     return np.dtype("float32" if bare == "bfloat16" else bare)
+
+
+LOW_PRECISION_DTYPES = ("float16", "bfloat16")
+"""Weights of these dtypes keep u, v in float32 and run all spectral-norm math in float32,
+casting only the normalized weight back: a unit vector in half precision holds about three
+digits, and the power iteration's rounding would bias sigma (the torch built-in keeps u, v in
+the weight's dtype; mixed-precision users asked for float32)."""
 
 
 def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
