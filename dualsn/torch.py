@@ -14,6 +14,12 @@ W-matrix is never copied for ``dim != 0``, and eval mode reuses the normalized w
 nothing changed (:class:`_EvalCache`). Sigma, and so the normalized weight and gradients,
 then differ from the built-in's in the last bits only (rounding).
 
+Lipschitz toolkit (opt-in, the same in ``dualsn.paddle``): ``coeff`` (soft bound
+max(1, sigma / coeff)), ``atol``/``rtol`` (iterate until sigma settles), ``num_svs`` (several
+singular values, :func:`singular_values`), ``track_sigma`` (sigma in the state dict), and
+:func:`spectral_norm_conv`, the operator norm of a convolution rather than of its reshaped
+kernel. The default path (none of them) is unchanged.
+
 The algorithm's rules all come from :mod:`dualsn.spec`; this module only maps them onto
 ``torch.nn.utils.parametrize``.
 """
@@ -37,7 +43,10 @@ from dualsn import spec as _spec
 
 __all__ = [
     "SpectralNorm",
+    "SpectralNormConv",
     "spectral_norm",
+    "spectral_norm_conv",
+    "singular_values",
     "remove_spectral_norm",
     "sigma",
     "is_spectral_norm",
@@ -46,6 +55,7 @@ __all__ = [
     "power_iteration_",
     "weight_grad",
     "WeightMatrix",
+    "ConvOperator",
 ]
 
 
@@ -78,7 +88,7 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LOW_PRECISION = tuple(getattr(torch, name) for name in _spec.LOW_PRECISION_DTYPES)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,6 +187,91 @@ class WeightMatrix:
         return out.view(self.shape)
 
 
+_CONV_FUNCTIONS = {
+    1: (F.conv1d, F.conv_transpose1d),
+    2: (F.conv2d, F.conv_transpose2d),
+    3: (F.conv3d, F.conv_transpose3d),
+}
+
+
+class ConvGeometry:
+    """Everything about a convolution layer the operator x -> conv(x, W) needs, computed once.
+
+    ``input_shape`` / ``output_shape``: one sample's activation shapes (channels first, no
+    batch axis). The adjoint is the transposed convolution with padding 0, whose output is
+    the *padded* input, cropped back to ``input_shape`` (the adjoint of zero padding is a
+    crop): ``crop`` holds the first kept index per spatial axis, and ``output_padding``
+    makes the transposed convolution return exactly the padded size (it is < stride; the
+    last input entries a strided convolution never reads come back as zeros).
+    """
+
+    __slots__ = ("spatial", "stride", "padding", "dilation", "groups", "input_shape", "output_shape",
+                 "output_padding", "crop")
+
+    def __init__(self, conv: nn.Module, input_shape: tuple[int, ...]) -> None:
+        spatial = len(conv.kernel_size)
+        self.spatial = spatial
+        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
+        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        self.input_shape = tuple(input_shape)
+        out_sizes, output_padding, crop = [], [], []
+        for i in range(spatial):
+            k, s, d, n = conv.kernel_size[i], self.stride[i], self.dilation[i], self.input_shape[1 + i]
+            reach = d * (k - 1)  # the kernel's extent minus one
+            if self.padding == "valid":
+                left = right = 0
+            elif self.padding == "same":  # torch pads the odd extra entry at the end
+                left, right = reach // 2, reach - reach // 2
+            else:
+                left = right = self.padding[i]
+            padded = n + left + right
+            size = (padded - reach - 1) // s + 1
+            if size < 1:
+                raise ValueError(
+                    f"Expected input_shape to be large enough for the kernel, but spatial axis {i} "
+                    f"of input_shape={list(self.input_shape)} is {n} (padded: {padded}) and the dilated "
+                    f"kernel spans {reach + 1}"
+                )
+            out_sizes.append(size)
+            output_padding.append(padded - ((size - 1) * s + reach + 1))
+            crop.append(left)
+        self.output_shape = (conv.out_channels, *out_sizes)
+        self.output_padding = tuple(output_padding)
+        self.crop = tuple(crop)
+
+
+class ConvOperator:
+    """The convolution of one sample as a linear map of flat vectors, M x = conv(x, W) with no
+    bias, from the input activation space (``input_shape``) to the output one, and its
+    adjoint M^H y = conv_transpose(y, conj(W)), cropped: the ``op`` of :func:`_step`.
+
+    Its largest singular value is the convolution's operator norm (its Lipschitz constant
+    in the 2-norm), which the reshaped-kernel sigma of :func:`spectral_norm` is not.
+    """
+
+    __slots__ = ("weight", "geometry")
+
+    def __init__(self, weight: torch.Tensor, geometry: ConvGeometry) -> None:
+        self.weight, self.geometry = weight, geometry
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        """M x: the convolution of ``x`` (``input_shape`` entries), flat."""
+        g = self.geometry
+        conv = _CONV_FUNCTIONS[g.spatial][0]
+        out = conv(x.reshape(1, *g.input_shape), self.weight, None, g.stride, g.padding, g.dilation, g.groups)
+        return out.reshape(-1)
+
+    def mv_h(self, y: torch.Tensor) -> torch.Tensor:
+        """M^H y: the transposed convolution of ``y`` (``output_shape`` entries), flat."""
+        g = self.geometry
+        conv_t = _CONV_FUNCTIONS[g.spatial][1]
+        weight = self.weight.conj().resolve_conj() if self.weight.is_complex() else self.weight
+        x = conv_t(y.reshape(1, *g.output_shape), weight, None, g.stride, 0, g.output_padding, g.groups, g.dilation)
+        for axis, (start, length) in enumerate(zip(g.crop, g.input_shape[1:])):
+            x = x.narrow(2 + axis, start, length)
+        return x.reshape(-1)
+
+
 def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float):
     """``out <- x / max(||x||, eps)``, in place; returns ``||x||`` and ``max(||x||, eps)``.
 
@@ -187,6 +282,75 @@ def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float):
     denom = norm.clamp_min(eps)
     torch.div(x, denom, out=out)
     return norm, denom
+
+
+def _orthogonalize(x: torch.Tensor, basis) -> torch.Tensor:
+    """``x`` minus its projections on the (orthonormal) vectors of ``basis``, one after the
+    other (Gram-Schmidt, as ``dualsn.spec.power_step``)."""
+    for b in basis:
+        x = x - torch.vdot(b, x) * b
+    return x
+
+
+def _step(op, u, v, extra_u, extra_v, order: str, eps: float):
+    """One power iteration on every (u, v) pair, in place: ``dualsn.spec.power_step``.
+
+    ``op`` has ``mv`` (x -> M x) and ``mv_h`` (y -> M^H y) on flat vectors (a
+    :class:`WeightMatrix` or a :class:`ConvOperator`). ``u``, ``v`` are pair 0; ``extra_u``,
+    ``extra_v`` (rows = pairs 1, 2, ...; or None) are orthogonalized against the pairs before
+    them, so pair 0 is the plain iteration. Returns (norm, max(norm, eps)) of pair 0's last
+    vector before normalization, from which sigma is read (see :func:`power_iteration_`).
+    """
+    if order == "uv":
+        _normalize_into(op.mv(v), u, eps)
+        last = _normalize_into(op.mv_h(u), v, eps)
+    else:
+        _normalize_into(op.mv_h(u), v, eps)
+        last = _normalize_into(op.mv(v), u, eps)
+    if extra_u is not None:
+        for i in range(extra_u.shape[0]):
+            # the new vectors of the pairs before this one (rows before i are updated already)
+            us, vs = [u, *extra_u[:i]], [v, *extra_v[:i]]
+            if order == "uv":
+                _normalize_into(_orthogonalize(op.mv(extra_v[i]), us), extra_u[i], eps)
+                _normalize_into(_orthogonalize(op.mv_h(extra_u[i]), vs), extra_v[i], eps)
+            else:
+                _normalize_into(_orthogonalize(op.mv_h(extra_u[i]), vs), extra_v[i], eps)
+                _normalize_into(_orthogonalize(op.mv(extra_v[i]), us), extra_u[i], eps)
+    return last
+
+
+def _sigma_from_last(last) -> torch.Tensor:
+    """sigma = u^H M v after a step, from its last norm r: r^2 / max(r, eps) (0-d tensor)."""
+    norm, denom = last
+    return (norm / denom).mul_(norm).view(())
+
+
+@torch.no_grad()
+def _training_steps(op, vectors, spec: _spec.Spec):
+    """The power iterations of one training forward (``dualsn.spec.training_iterations``),
+    in place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
+
+    Without ``atol``/``rtol``: ``spec.n_power_iterations`` steps. With them: steps until the
+    sigma estimate (pair 0's last norm) settles against the previous one
+    (:meth:`dualsn.spec.Spec.settled`), after at least max(2, n_power_iterations) steps and
+    at most ``spec.max_iterations``. Each comparison reads the estimate on the host.
+    """
+    if not spec.uses_tolerance:
+        last = None
+        for _ in range(spec.n_power_iterations):
+            last = _step(op, *vectors, spec.order, spec.eps)
+        return _sigma_from_last(last), spec.n_power_iterations
+    previous = None
+    count = 0
+    while count < spec.max_iterations:
+        last = _step(op, *vectors, spec.order, spec.eps)
+        count += 1
+        estimate = last[0].item()
+        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
+            break
+        previous = estimate
+    return _sigma_from_last(last), count
 
 
 @torch.no_grad()
@@ -208,16 +372,8 @@ def power_iteration_(
     mat = WeightMatrix(_upcast(weight), dim)
     last = None
     for _ in range(n):
-        if order == "uv":
-            _normalize_into(mat.mv(v), u, eps)
-            last = _normalize_into(mat.mv_h(u), v, eps)
-        else:
-            _normalize_into(mat.mv_h(u), v, eps)
-            last = _normalize_into(mat.mv(v), u, eps)
-    if last is None:
-        return None
-    norm, denom = last
-    return (norm / denom).mul_(norm).view(())
+        last = _step(mat, u, v, None, None, order, eps)
+    return None if last is None else _sigma_from_last(last)
 
 
 @torch.no_grad()
@@ -226,13 +382,24 @@ def _sigma(weight: torch.Tensor, dim: int, u: torch.Tensor, v: torch.Tensor) -> 
     return torch.vdot(u, WeightMatrix(_upcast(weight), dim).mv(v))
 
 
-def weight_grad(grad, weight, sigma, u, v, dim: int) -> torch.Tensor:
-    """dL/dW of W -> W / sigma with u, v constant and sigma = u^H W v, from G = dL/dW_sn:
+def _divisor(sigma: torch.Tensor, coeff: float | None) -> torch.Tensor:
+    """What the weight is divided by (``dualsn.spec.Spec.divisor``): sigma, or with ``coeff``
+    the soft bound sigma / coeff where Re(sigma) > coeff and 1 elsewhere. A tensor select,
+    not a Python branch: no host synchronization, and autograd follows the chosen side."""
+    if coeff is None:
+        return sigma
+    return torch.where(sigma.real > coeff, sigma / coeff, torch.ones_like(sigma))
+
+
+def weight_grad(grad, weight, sigma, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
+    """dL/dW of W -> W / d, d = sigma = u^H W v (u, v constant), from G = dL/dW_sn:
 
         (G - <W_sn, G> u v^H) / conj(sigma),   <A, B> = sum(conj(A) * B)
 
-    (``dualsn.spec.normalized_weight_grad``). Computed in two passes over W: one dot
-    product <W, G> (<W_sn, G> = <W, G> / conj(sigma)) and one fused rank-1 update.
+    (``dualsn.spec.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
+    coeff): G / conj(d) - <W_sn, G> u v^H / conj(sigma); inactive (d = 1): G itself.
+    Computed in two passes over W: one dot product <W, G> (<W_sn, G> = <W, G> / conj(d)) and
+    one fused rank-1 update.
     """
     mat = WeightMatrix(weight, dim)
     sigma_c = sigma.conj()
@@ -240,25 +407,38 @@ def weight_grad(grad, weight, sigma, u, v, dim: int) -> torch.Tensor:
     if grad.device.type == "cpu" and not _is_compiling():
         # Reading the scalars is free on the CPU, and BLAS then scales while it adds.
         s_c = sigma_c.item()
+        if coeff is not None and not s_c.real > coeff:
+            return grad  # the bound is inactive: W_sn = W
         if s_c != 0:
-            return mat.add_rank1(grad, u, v, 1 / s_c, -dot.item() / (s_c * s_c))
+            d_c = s_c if coeff is None else s_c / coeff
+            return mat.add_rank1(grad, u, v, 1 / d_c, -dot.item() / (d_c * s_c))
     # Elsewhere (CUDA, compiled code) a .item() would synchronize: keep the scalars in
     # tensors, at the price of a second pass. (Also sigma == 0: inf/nan, as tensors give.)
-    out = mat.add_rank1(grad, u * (-dot / sigma_c), v, 1, 1)
-    return out.div_(sigma_c)
+    if coeff is None:
+        out = mat.add_rank1(grad, u * (-dot / sigma_c), v, 1, 1)
+        return out.div_(sigma_c)
+    # 1 / conj(sigma) where the bound is active, 0 (no rank-1 term) where it is not
+    k = torch.where(sigma.real > coeff, 1 / sigma_c, torch.zeros_like(sigma_c))
+    out = mat.add_rank1(grad, u * (-dot * k), v, 1, 1)
+    return out.div_(_divisor(sigma, coeff).conj())
 
 
-def _weight_grad_differentiable(grad, weight, u, v, dim: int) -> torch.Tensor:
+def _weight_grad_differentiable(grad, weight, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
     """:func:`weight_grad` built from differentiable operations on W (sigma recomputed as
     u^H W v), for backward passes that record a graph (``create_graph=True``)."""
     mat = WeightMatrix(weight, dim)
     sigma = torch.vdot(u, mat.mv(v))
-    dot = torch.vdot((weight / sigma).reshape(-1), grad.reshape(-1))
-    return (grad - dot * mat.rank1(u, v)) / sigma.conj()
+    d = _divisor(sigma, coeff)
+    dot = torch.vdot((weight / d).reshape(-1), grad.reshape(-1))
+    if coeff is None:
+        return (grad - dot * mat.rank1(u, v)) / sigma.conj()
+    k = torch.where(sigma.real > coeff, 1 / sigma.conj(), torch.zeros_like(sigma))
+    return grad / d.conj() - (dot * k) * mat.rank1(u, v)
 
 
 class _DivideBySigma(torch.autograd.Function):
-    """``W -> W / sigma`` where sigma = u^H W v, with u, v and sigma's value given.
+    """``W -> W / d`` where d = sigma = u^H W v (or the ``coeff`` soft bound of it), with u, v
+    and sigma's value given.
 
     Autograd of the plain expression would record ``W / sigma`` *and* the product
     ``u^H (W v)``, and its backward would make several W-sized temporaries. This backward is
@@ -267,22 +447,37 @@ class _DivideBySigma(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, sigma, u, v, dim):
+    def forward(ctx, weight, sigma, u, v, dim, coeff):
         ctx.save_for_backward(weight, sigma, u, v)
         ctx.dim = dim
-        return weight / sigma
+        ctx.coeff = coeff
+        return weight / _divisor(sigma, coeff)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         with _no_autocast(grad.device.type):  # backward() may be called inside autocast
             weight, sigma, u, v = ctx.saved_tensors
             if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-                grad_w = _weight_grad_differentiable(grad, weight, u, v, ctx.dim)
+                grad_w = _weight_grad_differentiable(grad, weight, u, v, ctx.dim, ctx.coeff)
             else:
-                grad_w = weight_grad(grad, weight, sigma, u, v, ctx.dim)
-        return grad_w, None, None, None, None
+                grad_w = weight_grad(grad, weight, sigma, u, v, ctx.dim, ctx.coeff)
+        return grad_w, None, None, None, None, None
+
+
+def _normalize_exact(weight: torch.Tensor, spec: _spec.Spec) -> torch.Tensor:
+    """An exactly normalized 1-D weight: W / max(||W||, eps), or W / divisor with ``coeff``."""
+    if spec.coeff is None:
+        return F.normalize(weight, dim=0, eps=spec.eps)
+    norm = torch.linalg.vector_norm(weight).clamp_min(spec.eps)
+    return weight / _divisor(norm, spec.coeff)
+
+
+@torch.no_grad()
+def _exact_sigma(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigma of an exactly normalized weight: max(||W||, eps)."""
+    return torch.linalg.vector_norm(_upcast(weight)).clamp_min(eps)
 
 
 def spectral_norm_forward(
@@ -295,29 +490,32 @@ def spectral_norm_forward(
 ) -> torch.Tensor:
     """The normalized weight for one forward (the whole per-forward computation, uncached).
 
-    Training mode first runs ``spec.n_power_iterations`` iterations on the ``u``, ``v``
-    buffers in place. Gradients flow into ``weight`` only; u and v are constants.
+    Training mode first runs the spec's training iterations (``spec.n_power_iterations``, or
+    until sigma settles with ``atol``/``rtol``) on the ``u``, ``v`` buffers in place.
+    Gradients flow into ``weight`` only; u and v are constants. (Extra pairs of ``num_svs``
+    live in :class:`SpectralNorm`, which iterates them too.)
     """
     if weight.dtype in _LOW_PRECISION:
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
         return spectral_norm_forward(weight.float(), u, v, dim, spec, training).to(weight.dtype)
     if spec.is_exact_vector(weight.ndim):
-        return F.normalize(weight, dim=0, eps=spec.eps)
+        return _normalize_exact(weight, spec)
     if training:
-        sigma = power_iteration_(weight, dim, u, v, spec.n_power_iterations, spec.order, spec.eps)
+        sigma, _ = _training_steps(WeightMatrix(weight, dim), (u, v, None, None), spec)
     else:
         sigma = _sigma(weight, dim, u, v)
-    return _divide(weight, sigma, u, v, dim)
+    return _divide(weight, sigma, u, v, dim, spec.coeff)
 
 
-def _divide(weight, sigma, u, v, dim: int) -> torch.Tensor:
-    """W / sigma, through :class:`_DivideBySigma` when autograd records it."""
+def _divide(weight, sigma, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
+    """W / sigma (W / divisor with ``coeff``), through :class:`_DivideBySigma` when autograd
+    records it."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return weight / sigma
+        return weight / _divisor(sigma, coeff)
     # Clone u, v: a later forward updates the buffers in place, and this forward's backward
     # needs them as they are now (loss = D(real) - D(fake) runs two forwards, one backward).
-    return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim)
+    return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim, coeff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,11 +549,7 @@ class _EvalCache:
     def __init__(self, weight, u, v, sigma) -> None:
         self.weight, self.u, self.v = weight, u, v
         self.storage = weight.untyped_storage()
-        n = weight.numel()
-        if n <= _SAMPLES:
-            self.index = torch.arange(n, device=weight.device)
-        else:  # evenly spread, first and last included (integer arithmetic: exact for any n)
-            self.index = torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
+        self.index = _sample_index(weight)
         self.sample = torch.take(weight, self.index)
         self.sigma = sigma
         self.out = None
@@ -388,6 +582,41 @@ class _EvalCache:
         self.key = self._key(self.weight, self.u, self.v, out)
 
 
+def _sample_index(weight: torch.Tensor) -> torch.Tensor:
+    """Where :class:`_EvalCache` and :class:`_SigmaRecord` sample W: every entry of a small W,
+    else 256 evenly spread ones, first and last included (integer arithmetic: exact for any
+    size)."""
+    n = weight.numel()
+    if n <= _SAMPLES:
+        return torch.arange(n, device=weight.device)
+    return torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
+
+
+class _SigmaRecord:
+    """The sigma of the last forward, and what it was computed from: :func:`sigma` returns it
+    while it is valid, by the checks of :class:`_EvalCache` (same W, u, v objects, W's
+    storage, version counters, 256 sampled entries of W). Once :func:`sigma` has been read, one
+    is made on every training forward, so it holds no output and costs one small gather."""
+
+    __slots__ = ("weight", "u", "v", "storage", "key", "index", "sample", "sigma")
+
+    def __init__(self, weight, u, v, sigma, index) -> None:
+        self.weight, self.u, self.v, self.sigma, self.index = weight, u, v, sigma, index
+        self.storage = weight.untyped_storage()  # held: its address cannot be reused
+        self.sample = torch.take(weight, index)
+        self.key = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+
+    def valid(self, weight, u, v) -> bool:
+        return (
+            weight is self.weight
+            and u is self.u
+            and v is self.v
+            and (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+            == self.key
+            and torch.equal(torch.take(weight, self.index), self.sample)
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The parametrization
 
@@ -399,6 +628,17 @@ def _seeded_uv(h: int, w: int, seed: int, like: torch.Tensor, eps: float):
     return tuple(torch.from_numpy(a).to(device=like.device, dtype=dtype) for a in (u0, v0))
 
 
+def _seeded_extra_uv(h: int, w: int, count: int, seed: int, like: torch.Tensor, eps: float):
+    """The extra pairs' starting vectors from ``spec.init_extra_uv``, like :func:`_seeded_uv`."""
+    dtype = _compute_dtype(like.dtype)
+    us, vs = _spec.init_extra_uv(h, w, count, seed, _spec.init_dtype(str(dtype)), eps)
+    return tuple(torch.from_numpy(a).to(device=like.device, dtype=dtype) for a in (us, vs))
+
+
+_STATE_BUFFERS = ("_u", "_v", "_u_extra", "_v_extra", "_sigma")
+"""The buffers a :class:`SpectralNorm` may hold (all in the compute dtype)."""
+
+
 class SpectralNorm(nn.Module):
     """Parametrization ``W -> W / sigma(W)``, registered by :func:`spectral_norm`.
 
@@ -407,6 +647,16 @@ class SpectralNorm(nn.Module):
     None (and absent from the state dict) for a weight the spec normalizes exactly. They
     are float32 for float16 / bfloat16 weights (the math then runs in float32 and the
     normalized weight is cast back), and stay float32 when the module is cast later.
+
+    Opt-in features (``dualsn.spec.Spec``): with ``spec.coeff`` the weight is divided by the
+    soft bound max(1, sigma / coeff); with ``spec.atol``/``spec.rtol`` a training forward
+    iterates until sigma settles, and ``last_iterations`` says how many it ran (0 after an
+    eval forward); with ``spec.num_svs > 1`` buffers ``_u_extra`` / ``_v_extra`` (one row per
+    extra pair) estimate further singular values (:func:`singular_values`); with
+    ``track_sigma`` a persistent buffer ``_sigma`` holds the sigma of the last forward.
+    Without it, that sigma is the plain attribute ``last_sigma`` (a 0-d tensor; None before the
+    first forward and for an exactly normalized weight), and :func:`sigma` returns it, without
+    a product, while W, u and v are unchanged (checked as the eval cache is).
 
     In eval mode, when no autograd graph is recorded (``torch.no_grad()``, or a frozen
     weight), the normalized weight is cached and returned again while W, u and v are
@@ -418,25 +668,62 @@ class SpectralNorm(nn.Module):
     iterations.
     """
 
-    def __init__(self, weight: torch.Tensor, dim: int, spec: _spec.Spec, seed: int | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, dim: int, spec: _spec.Spec, seed: int | None = None, track_sigma: bool = False
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.dim = dim
-        self.cache_eval = True
-        self._cache: _EvalCache | None = None
-        u = v = None
+        shapes = None
         if not spec.is_exact_vector(weight.ndim):
+            h, w = _spec.matrix_shape(tuple(weight.shape), dim)
+            shapes = ((h,), (w,))
+        self._init_state(weight, shapes, seed, track_sigma)
+
+    def _init_state(self, weight: torch.Tensor, shapes, seed: int | None, track_sigma: bool) -> None:
+        """Plain attributes, and the buffers drawn: u, v of ``shapes`` = (u's shape, v's
+        shape) (None: exact normalization, no u, v), the extra pairs, and ``_sigma``."""
+        spec = self.spec
+        self.cache_eval = True
+        self.track_sigma = bool(track_sigma)
+        self.last_iterations = 0
+        self.last_sigma: torch.Tensor | None = None
+        self._cache: _EvalCache | None = None
+        self._record: _SigmaRecord | None = None
+        self._keep_sigma = False  # set by the first sigma() read: from then on forwards keep a record
+        self._sample_index = None  # _SigmaRecord's sample positions, and the size they are for
+        self._sample_numel = 0
+        dtype = _compute_dtype(weight.dtype)
+        u = v = u_extra = v_extra = None
+        if shapes is not None:
+            h, w = math.prod(shapes[0]), math.prod(shapes[1])
+            k = spec.num_svs - 1
             with torch.no_grad():
-                h, w = _spec.matrix_shape(tuple(weight.shape), dim)
                 if seed is not None:
                     u, v = _seeded_uv(h, w, seed, weight, spec.eps)
+                    if k:
+                        u_extra, v_extra = _seeded_extra_uv(h, w, k, seed, weight, spec.eps)
                 else:
-                    # The torch built-ins' draw: u's normals, then v's, from torch's RNG.
-                    dtype = _compute_dtype(weight.dtype)
-                    u = F.normalize(weight.new_empty(h).normal_(0, 1).to(dtype), dim=0, eps=spec.eps)
-                    v = F.normalize(weight.new_empty(w).normal_(0, 1).to(dtype), dim=0, eps=spec.eps)
+                    # The torch built-ins' draw: u's normals, then v's, from torch's RNG (the
+                    # extra pairs after them, so u and v are what the built-in draws).
+                    def draw(*shape):
+                        x = weight.new_empty(shape).normal_(0, 1).to(dtype)
+                        return F.normalize(x, dim=-1, eps=spec.eps)
+
+                    u, v = draw(h), draw(w)
+                    if k:
+                        u_extra, v_extra = draw(k, h), draw(k, w)
+            u, v = u.view(shapes[0]), v.view(shapes[1])
+            if k:
+                u_extra, v_extra = u_extra.view(k, *shapes[0]), v_extra.view(k, *shapes[1])
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
+        if u_extra is not None:
+            self.register_buffer("_u_extra", u_extra)
+            self.register_buffer("_v_extra", v_extra)
+        if self.track_sigma:
+            sigma_dtype = dtype if u is not None else torch.empty((), dtype=dtype).real.dtype
+            self.register_buffer("_sigma", torch.zeros((), dtype=sigma_dtype, device=weight.device))
 
     # Names the torch built-in's parametrization exposes, for tools that read them.
     @property
@@ -447,17 +734,105 @@ class SpectralNorm(nn.Module):
     def eps(self) -> float:
         return self.spec.eps
 
+    # -- what the subclass for convolutions changes ----------------------------------------
+    def _operator(self, weight: torch.Tensor):
+        """The linear map whose largest singular value is estimated: the W-matrix (of a
+        weight already in the compute dtype)."""
+        return WeightMatrix(weight, self.dim)
+
+    def _vectors(self):
+        """(u, v, extra u rows, extra v rows) as flat views of the buffers (extras: None)."""
+        b = self._buffers  # (not self._u: nn.Module's attribute lookup is slow)
+        return b["_u"], b["_v"], b.get("_u_extra"), b.get("_v_extra")
+
+    def _sigma_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """u^H M v from the current state (no iteration, no graph)."""
+        return _sigma(weight, self.dim, self._u, self._v)
+
+    def _divide_by(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """W / sigma (or the ``coeff`` divisor), differentiable in W with u, v constant."""
+        return _divide(weight, sigma, self._u, self._v, self.dim, self.spec.coeff)
+
+    # ----------------------------------------------------------------------------------------
     def iterate(self, weight: torch.Tensor, n: int) -> None:
-        """``n`` power iterations on ``weight``'s W-matrix (no-op without u, v)."""
+        """``n`` power iterations on ``weight`` (all pairs; no-op without u, v)."""
         if self._u is not None and n > 0:
-            power_iteration_(weight, self.dim, self._u, self._v, n, self.spec.order, self.spec.eps)
+            with torch.no_grad():
+                op, vectors = self._operator(_upcast(weight)), self._vectors()
+                for _ in range(n):
+                    _step(op, *vectors, self.spec.order, self.spec.eps)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        """sigma of ``weight`` from the current state, without iterating or recording grad."""
+        """sigma of ``weight`` from the current state, without iterating or recording grad.
+
+        The sigma of the last forward is returned when it still belongs to ``weight``, u and v
+        (the checks of :class:`_EvalCache`); else it is computed (u^H M v) and kept.
+        """
         with torch.no_grad():
             if self._u is None:
-                return torch.linalg.vector_norm(_upcast(weight)).clamp_min(self.spec.eps)
-            return _sigma(weight, self.dim, self._u, self._v)
+                return _exact_sigma(weight, self.spec.eps)
+            self._keep_sigma = True
+            u, v = self._u, self._v
+            for kept in (self._record, self._cache):
+                if kept is not None and kept.valid(weight, u, v):
+                    return kept.sigma
+            value = self._sigma_of(weight)
+            self._remember(weight, value)
+            return value
+
+    def singular_values(self, weight: torch.Tensor) -> list[float]:
+        """u_i^H M v_i for every pair (real parts): sigma first, then the extra estimates."""
+        values = [self.sigma(weight)]
+        u_extra = self._buffers.get("_u_extra")
+        if u_extra is not None:
+            with torch.no_grad():
+                op = self._operator(_upcast(weight))
+                _, _, us, vs = self._vectors()
+                values += [torch.vdot(us[i], op.mv(vs[i])) for i in range(us.shape[0])]
+        return [float(s.real.item()) for s in values]
+
+    def _remember(self, weight: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Keep ``sigma`` as the last sigma, with what it was computed from (a
+        :class:`_SigmaRecord`). On every training forward: kept lean."""
+        attrs = self.__dict__  # plain attributes, written around nn.Module.__setattr__ (slow)
+        u, v = self._buffers["_u"], self._buffers["_v"]
+        if _is_compiling() or weight.is_inference() or u.is_inference() or v.is_inference():
+            attrs["_record"] = None  # no version counters to check it by
+            return
+        index = attrs.get("_sample_index")
+        if index is None or index.device != weight.device or attrs["_sample_numel"] != weight.numel():
+            index = attrs["_sample_index"] = _sample_index(weight)
+            attrs["_sample_numel"] = weight.numel()
+        attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index)
+
+    def _publish(self, weight: torch.Tensor, sigma: torch.Tensor | None) -> None:
+        """After a forward: keep sigma (``last_sigma``; and, once :func:`sigma` has been read,
+        a record to check it by), and write it into the ``_sigma`` buffer if tracked."""
+        attrs = self.__dict__
+        attrs["last_sigma"] = sigma
+        if sigma is not None and attrs["_keep_sigma"]:
+            self._remember(weight, sigma)
+        if self.track_sigma:
+            with torch.no_grad():
+                self._sigma.copy_(_exact_sigma(weight, self.spec.eps) if sigma is None else sigma)
+
+    def _compute(self, weight: torch.Tensor, training: bool):
+        """(normalized weight, sigma) for one forward, uncached; sigma is None for an exactly
+        normalized weight."""
+        if weight.dtype in _LOW_PRECISION:
+            # All the math in float32 (u, v are float32 too), the result cast back; autograd
+            # carries the gradient through both casts.
+            out, sigma = self._compute(weight.float(), training)
+            return out.to(weight.dtype), sigma
+        attrs = self.__dict__  # last_iterations is a plain attribute: skip nn.Module.__setattr__
+        if self._buffers["_u"] is None:
+            attrs["last_iterations"] = 0
+            return _normalize_exact(weight, self.spec), None
+        if training:
+            sigma, attrs["last_iterations"] = _training_steps(self._operator(weight), self._vectors(), self.spec)
+        else:
+            sigma, attrs["last_iterations"] = self._sigma_of(weight), 0
+        return self._divide_by(weight, sigma), sigma
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         cache = self._cache
@@ -473,10 +848,21 @@ class SpectralNorm(nn.Module):
             return cache.out  # eval, nothing changed: the fast path (see _EvalCache)
         with _no_autocast(weight.device.type):
             if self.training or self._u is None or weight.dtype in _LOW_PRECISION:
-                return spectral_norm_forward(weight, self._u, self._v, self.dim, self.spec, self.training)
-            return self._eval_forward(weight)
+                out, sigma = self._compute(weight, self.training)
+                self._publish(weight, sigma)
+            else:
+                out, sigma = self._eval_forward(weight)
+                self.__dict__["last_iterations"] = 0
+                self.__dict__["last_sigma"] = sigma
+                if self._keep_sigma and (self._cache is None or self._cache.sigma is not sigma):
+                    self._remember(weight, sigma)  # not kept by the eval cache
+                if self.track_sigma:
+                    with torch.no_grad():
+                        self._sigma.copy_(sigma)
+        return out
 
-    def _eval_forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def _eval_forward(self, weight: torch.Tensor):
+        """(normalized weight, sigma) in eval mode, through the eval cache when allowed."""
         u, v = self._u, self._v
         cacheable = (
             self.cache_eval
@@ -484,51 +870,125 @@ class SpectralNorm(nn.Module):
             and not (weight.is_inference() or u.is_inference() or v.is_inference())
         )
         if not cacheable:
-            return _divide(weight, _sigma(weight, self.dim, u, v), u, v, self.dim)
+            sigma = self._sigma_of(weight)
+            return self._divide_by(weight, sigma), sigma
         cache = self._cache
         if cache is None or not cache.valid(weight, u, v):
             # Built as normal tensors even in inference mode: their version counters can be
             # read, and sigma and the result stay usable where autograd records later.
             with torch.inference_mode(False), torch.no_grad():
-                cache = self._cache = _EvalCache(weight, u, v, _sigma(weight, self.dim, u, v))
+                cache = self._cache = _EvalCache(weight, u, v, self._sigma_of(weight))
         if torch.is_grad_enabled() and weight.requires_grad:
             # autograd needs a graph from W: reuse sigma only
-            return _divide(weight, cache.sigma, u, v, self.dim)
+            return self._divide_by(weight, cache.sigma), cache.sigma
         with torch.inference_mode(False), torch.no_grad():
-            out = weight / cache.sigma
+            out = weight / _divisor(cache.sigma, self.spec.coeff)
         cache.set_output(out)
-        return out
+        return out, cache.sigma
 
     def train(self, mode: bool = True):
         self._cache = None
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
-        before = (self._u, self._v)
+        self._cache = self._record = self._sample_index = None
+        before = {name: self._buffers.get(name) for name in _STATE_BUFFERS}
         result = super()._apply(fn, *args, **kwargs)
         if self._u is not None and self._u.dtype in _LOW_PRECISION:
-            # module.half() / .to(torch.bfloat16): u, v stay float32 (see _compute_dtype),
-            # taken from before the cast so that they are not rounded through half precision.
+            # module.half() / .to(torch.bfloat16): the state stays float32 (see _compute_dtype),
+            # taken from before the cast so that it is not rounded through half precision.
             device = self._u.device
-            self._u, self._v = (t.to(device=device, dtype=torch.float32) for t in before)
+            for name, t in before.items():
+                if t is not None:
+                    setattr(self, name, t.to(device=device, dtype=_compute_dtype(self._buffers[name].dtype)))
         return result
 
     def __getstate__(self):
-        # copies and pickles start without a cache
+        # copies and pickles start without a cache or a kept sigma
         state = super().__getstate__()
-        state["_cache"] = None
+        state["_cache"] = state["_record"] = state["_sample_index"] = None
         return state
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # Assigning module.<name> = X stores X itself as the unnormalized weight.
         return value
 
+    def _features_repr(self) -> str:
+        s = self.spec
+        parts = [f"{f}={getattr(s, f)}" for f in ("coeff", "atol", "rtol") if getattr(s, f) is not None]
+        if s.uses_tolerance:
+            parts.append(f"max_iterations={s.max_iterations}")
+        if s.num_svs > 1:
+            parts.append(f"num_svs={s.num_svs}")
+        if self.track_sigma:
+            parts.append("track_sigma=True")
+        return "".join(", " + p for p in parts)
+
     def extra_repr(self) -> str:
         s = self.spec
         return (
             f"dim={self.dim}, n_power_iterations={s.n_power_iterations}, eps={s.eps}, "
-            f"order={s.order!r}, vector_mode={s.vector_mode!r}"
+            f"order={s.order!r}, vector_mode={s.vector_mode!r}" + self._features_repr()
+        )
+
+
+class SpectralNormConv(SpectralNorm):
+    """Parametrization ``W -> W / sigma`` where sigma estimates the operator norm of the
+    convolution itself, registered by :func:`spectral_norm_conv`.
+
+    ``_u`` (shape ``output_shape``) and ``_v`` (shape ``input_shape``) live in the output and
+    input activation spaces of one sample; the power iteration is
+    :func:`dualsn.spec.power_step` on the explicit convolution matrix, computed with the
+    layer's convolution and transposed convolution (:class:`ConvOperator`). ``dim`` is None:
+    no axis of the kernel is singled out.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, geometry: ConvGeometry, spec: _spec.Spec, seed: int | None = None,
+        track_sigma: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.spec = spec
+        self.dim = None
+        self.geometry = geometry
+        self._init_state(weight, (geometry.output_shape, geometry.input_shape), seed, track_sigma)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.geometry.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.geometry.output_shape
+
+    def _operator(self, weight: torch.Tensor) -> ConvOperator:
+        return ConvOperator(weight, self.geometry)
+
+    def _vectors(self):
+        u_extra = self._buffers.get("_u_extra")
+        if u_extra is None:
+            return self._u.view(-1), self._v.view(-1), None, None
+        k = u_extra.shape[0]
+        return self._u.view(-1), self._v.view(-1), u_extra.view(k, -1), self._v_extra.view(k, -1)
+
+    def _sigma_of(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.vdot(self._u.view(-1), self._operator(_upcast(weight)).mv(self._v.view(-1)))
+
+    def _divide_by(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        coeff = self.spec.coeff
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return weight / _divisor(sigma, coeff)
+        # sigma = u^H conv(v, W) recorded by autograd (the gradient of W -> W / sigma(W)),
+        # from clones of u, v: later forwards update the buffers in place.
+        u, v = self._u.reshape(-1).clone(), self._v.reshape(-1).clone()
+        return weight / _divisor(torch.vdot(u, self._operator(weight).mv(v)), coeff)
+
+    def extra_repr(self) -> str:
+        g, s = self.geometry, self.spec
+        return (
+            f"input_shape={g.input_shape}, output_shape={g.output_shape}, "
+            f"n_power_iterations={s.n_power_iterations}, eps={s.eps}, order={s.order!r}" + self._features_repr()
         )
 
 
@@ -626,36 +1086,14 @@ def _is_dim_1_layer(module: nn.Module) -> bool:
 # Public API
 
 
-def spectral_norm(
-    module: nn.Module,
-    name: str = "weight",
-    n_power_iterations: int = 1,
-    eps: float = 1e-12,
-    dim: int | None = None,
-    *,
-    compat: str = "torch",
-    seed: int | None = None,
-) -> nn.Module:
-    """Apply spectral normalization to ``module.<name>`` and return ``module``.
+def _check_track_sigma(track_sigma) -> None:
+    if not isinstance(track_sigma, bool):
+        raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
 
-    Args:
-        module: the module holding the parameter (or buffer).
-        name: the parameter's name.
-        n_power_iterations: power iterations per training-mode evaluation of the weight.
-        eps: the floor of every norm.
-        dim: the output-features axis; default 1 for transposed convolutions, else 0.
-        compat: a :data:`dualsn.spec.PRESETS` key; ``"torch"`` reproduces
-            ``torch.nn.utils.parametrizations.spectral_norm`` exactly.
-        seed: draw u, v from :func:`dualsn.spec.init_uv` with this seed (identical in every
-            framework). Without it the :func:`dualsn.manual_seed` stream is used if set,
-            else torch's RNG, exactly as the built-in draws.
 
-    Like the built-in, ``module.<name>`` is recomputed on every access, and every access in
-    training mode runs the power iteration. Everything is validated before the module is
-    touched: a failed call leaves it as it was.
-    """
-    sn_spec = _spec.make_spec(compat, n_power_iterations, eps)
-    _spec.check_seed(seed)
+def _target_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor spectral norm would be put on, after every check that needs no algorithm
+    parameter (errors as common to both entry points; nothing is changed)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected module to be a torch.nn.Module, but got {type(module).__name__}")
     if not isinstance(name, str):
@@ -684,33 +1122,207 @@ def spectral_norm(
             f"dtype {weight.dtype}"
         )
     _spec.check_weight_shape(tuple(weight.shape), name)
+    return weight
+
+
+def _register(module: nn.Module, name: str, weight: torch.Tensor, parametrization: SpectralNorm) -> nn.Module:
+    """Registration proper, once everything is validated: the registration iterations, the
+    parametrization, the kept sigma."""
+    parametrization.iterate(weight, parametrization.spec.registration_iterations(module.training))
+    # unsafe=True: register_parametrization would otherwise evaluate the parametrization once
+    # (one more iteration in training mode); registration_iterations already counts that.
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    if parametrization.track_sigma:
+        parametrization._publish(weight, parametrization.sigma(weight))
+    _make_picklable(module)
+    return module
+
+
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    *,
+    compat: str = "torch",
+    seed: int | None = None,
+    coeff: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iterations: int = 100,
+    num_svs: int = 1,
+    track_sigma: bool = False,
+) -> nn.Module:
+    """Apply spectral normalization to ``module.<name>`` and return ``module``.
+
+    Args:
+        module: the module holding the parameter (or buffer).
+        name: the parameter's name.
+        n_power_iterations: power iterations per training-mode evaluation of the weight.
+        eps: the floor of every norm.
+        dim: the output-features axis; default 1 for transposed convolutions, else 0.
+        compat: a :data:`dualsn.spec.PRESETS` key; ``"torch"`` reproduces
+            ``torch.nn.utils.parametrizations.spectral_norm`` exactly.
+        seed: draw u, v from :func:`dualsn.spec.init_uv` with this seed (identical in every
+            framework). Without it the :func:`dualsn.manual_seed` stream is used if set,
+            else torch's RNG, exactly as the built-in draws.
+
+    Opt-in features no built-in has (all off by default; see :class:`dualsn.spec.Spec`):
+
+    Args:
+        coeff: soft Lipschitz bound (i-ResNet, Residual Flows): the weight is divided by
+            max(1, sigma / coeff), so its spectral norm is at most ``coeff`` and a weight
+            already below it passes unchanged (gradient included).
+        atol, rtol: a training forward iterates until two successive sigma estimates agree
+            within ``atol + rtol * sigma`` (at least max(2, n_power_iterations) iterations, at
+            most ``max_iterations``); the count is the parametrization's ``last_iterations``.
+        num_svs: estimate this many leading singular values (BigGAN): extra (u, v) pairs in
+            buffers ``_u_extra`` / ``_v_extra``, Gram-Schmidt orthogonalized, read by
+            :func:`singular_values`. The normalization uses the first only.
+        track_sigma: keep the last forward's sigma in a persistent buffer ``_sigma``
+            (state-dict key ``parametrizations.<name>.0._sigma``), for logging. Without it,
+            :func:`sigma` still returns it, from a non-persistent attribute, when it is current.
+
+    Like the built-in, ``module.<name>`` is recomputed on every access, and every access in
+    training mode runs the power iteration. Everything is validated before the module is
+    touched: a failed call leaves it as it was.
+
+    For a convolution, sigma is the largest singular value of the kernel reshaped to a
+    (out_channels, in_channels * kernel) matrix, as in every built-in: it is *not* the
+    operator norm of the convolution (which can be several times larger, or smaller); for
+    that, see :func:`spectral_norm_conv`.
+
+    Example::
+
+        >>> layer = spectral_norm(nn.Linear(20, 10), coeff=0.97, atol=1e-4, num_svs=3, seed=0)
+        >>> _ = layer(torch.randn(4, 20))       # training mode: iterates until sigma settles
+        >>> len(singular_values(layer))
+        3
+    """
+    sn_spec = _spec.make_spec(
+        compat, n_power_iterations, eps,
+        coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
+    )
+    _spec.check_seed(seed)
+    _check_track_sigma(track_sigma)
+    weight = _target_weight(module, name)
     dim = _spec.canonical_dim(
         _spec.default_dim(_is_dim_1_layer(module), weight.ndim) if dim is None else dim, weight.ndim
     )
 
     # Validation is over; from here on the module changes.
     s = _spec.next_seed(seed)
-    parametrization = SpectralNorm(weight, dim, sn_spec, s)
-    parametrization.iterate(weight, sn_spec.registration_iterations(module.training))
-    # unsafe=True: register_parametrization would otherwise evaluate the parametrization once
-    # (one more iteration in training mode); registration_iterations already counts that.
-    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
-    _make_picklable(module)
-    return module
+    return _register(module, name, weight, SpectralNorm(weight, dim, sn_spec, s, track_sigma))
+
+
+_CONV_COMPAT = "torch_legacy"
+"""The preset whose algorithm :func:`spectral_norm_conv` runs: order "vu" (v <- N(M^H u),
+u <- N(M v), as i-ResNet), no warm-up, no registration iteration ("paddle" is the same)."""
+
+
+def spectral_norm_conv(
+    module: nn.Module,
+    input_shape,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    *,
+    coeff: float | None = None,
+    seed: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iterations: int = 100,
+    num_svs: int = 1,
+    track_sigma: bool = False,
+) -> nn.Module:
+    """Normalize a convolution by its operator norm, and return ``module``.
+
+    For ``nn.Conv1d``/``Conv2d``/``Conv3d`` with ``padding_mode="zeros"``. The convolution of one
+    sample of shape ``input_shape`` (channels first, no batch axis: ``(C, H, W)`` for Conv2d),
+    without bias, is a linear map M (an explicit matrix with one column per input entry);
+    sigma estimates its largest singular value, the layer's Lipschitz constant, which the
+    reshaped-kernel sigma of :func:`spectral_norm` is not. ``_u`` (shape of one output
+    sample) and ``_v`` (shape ``input_shape``) live in the activation spaces, and the power
+    iteration (order "vu", as i-ResNet: v <- N(M^H u), u <- N(M v)) applies the layer's own
+    convolution and the matching transposed convolution (stride, padding, dilation, groups).
+    The algorithm is :class:`dualsn.spec.ReferenceSN` on M with the "torch_legacy" preset
+    (no warm-up), so u, v start from their draw: run a few training forwards, or use
+    ``atol``/``rtol``, before trusting sigma. A seeded draw is
+    ``spec.init_uv(M's rows, M's columns, seed)`` reshaped.
+
+    The layer must then only see inputs of ``input_shape`` for the bound to hold (other
+    sizes of a stride-1 convolution have a nearly equal norm, but that is not checked).
+    ``coeff``, ``atol``/``rtol``/``max_iterations``, ``num_svs``, ``track_sigma``, ``seed``:
+    as in :func:`spectral_norm`. :func:`remove_spectral_norm`, :func:`sigma` and
+    :func:`singular_values` work on it.
+
+    Raises TypeError for a module that is not such a convolution, ValueError for an
+    ``input_shape`` that does not fit it, NotImplementedError for other padding modes.
+
+    Example::
+
+        >>> conv = spectral_norm_conv(nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16), coeff=0.9, seed=0)
+        >>> conv.parametrizations.weight[0]._v.shape
+        torch.Size([3, 16, 16])
+    """
+    sn_spec = _spec.make_spec(
+        _CONV_COMPAT, n_power_iterations, eps,
+        coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
+    )
+    _spec.check_seed(seed)
+    _check_track_sigma(track_sigma)
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(
+            "Expected module to be a torch.nn.Conv1d, Conv2d or Conv3d, but got "
+            f"{type(module).__name__} (use spectral_norm for other layers)"
+        )
+    weight = _target_weight(module, name)
+    if module.padding_mode != "zeros":
+        raise NotImplementedError(
+            f"spectral_norm_conv supports padding_mode='zeros' only, but the layer has "
+            f"padding_mode={module.padding_mode!r}"
+        )
+    kernel_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    if tuple(weight.shape) != kernel_shape:
+        raise ValueError(
+            f"Expected {name!r} to have the layer's kernel shape {list(kernel_shape)}, but its "
+            f"shape is {list(weight.shape)}"
+        )
+    spatial = len(module.kernel_size)
+    if (
+        not isinstance(input_shape, (tuple, list, torch.Size))
+        or len(input_shape) != spatial + 1
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_shape)
+        or input_shape[0] != module.in_channels
+    ):
+        raise ValueError(
+            f"Expected input_shape to be {spatial + 1} positive ints (channels={module.in_channels}, "
+            f"then {spatial} spatial size(s); no batch axis), but got input_shape={input_shape!r}"
+        )
+    geometry = ConvGeometry(module, tuple(int(n) for n in input_shape))
+
+    s = _spec.next_seed(seed)
+    return _register(module, name, weight, SpectralNormConv(weight, geometry, sn_spec, s, track_sigma))
+
+
+def _require(module: nn.Module, name: str):
+    found = _find(module, name)
+    if found is None:
+        raise ValueError(f"Expected a dualsn spectral norm on name={name!r}, but {type(module).__name__} has none")
+    return found
 
 
 def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """Remove dualsn's spectral norm from ``module.<name>`` and return ``module``.
 
     ``module.<name>`` becomes a plain, fresh leaf Parameter (a buffer if it was one) holding
-    W / sigma with the current u, v: no power iteration runs, in either mode. Being a new
-    tensor, it must be given to the optimizer again. ValueError if there is no dualsn
-    spectral norm on ``name``; RuntimeError if other parametrizations share it.
+    W / sigma (W / max(1, sigma / coeff) with ``coeff``) with the current u, v: no power
+    iteration runs, in either mode. Being a new tensor, it must be given to the optimizer
+    again. All the spectral norm's state goes. ValueError if there is no dualsn spectral
+    norm on ``name``; RuntimeError if other parametrizations share it.
     """
-    found = _find(module, name)
-    if found is None:
-        raise ValueError(f"Expected a dualsn spectral norm on name={name!r}, but {type(module).__name__} has none")
-    plist, _, sn = found
+    plist, _, sn = _require(module, name)
     if len(plist) != 1:
         raise RuntimeError(
             f"Cannot remove the spectral norm from {name!r} while other parametrizations are "
@@ -718,8 +1330,7 @@ def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         )
     original = plist.original
     with torch.no_grad():
-        normalized = spectral_norm_forward(original, sn._u, sn._v, sn.dim, sn.spec, training=False)
-        normalized = normalized.detach().clone()
+        normalized = sn._compute(original, training=False)[0].detach().clone()
     was_parameter = isinstance(original, nn.Parameter)
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     delattr(module, name)
@@ -733,14 +1344,35 @@ def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
 def sigma(module: nn.Module, name: str = "weight") -> float:
     """The current sigma of ``module.<name>``'s spectral norm, as a float (real part).
 
-    No power iteration runs. For a weight normalized exactly it is max(||W||, eps).
+    No power iteration runs: it is u^H M v with the current u, v (the W-matrix, or the
+    convolution of :func:`spectral_norm_conv`), taken from the last forward when W, u and v
+    have not changed since (free), else computed. For a weight normalized exactly it is
+    max(||W||, eps).
+
+    Example::
+
+        >>> layer = spectral_norm(nn.Linear(20, 10), seed=0)
+        >>> sigma(layer) > 0
+        True
     """
-    found = _find(module, name)
-    if found is None:
-        raise ValueError(f"Expected a dualsn spectral norm on name={name!r}, but {type(module).__name__} has none")
-    plist, index, sn = found
+    plist, index, sn = _require(module, name)
     with torch.no_grad():
         return float(sn.sigma(_sn_input(plist, index)).real.item())
+
+
+def singular_values(module: nn.Module, name: str = "weight") -> list[float]:
+    """The singular-value estimates u_i^H M v_i of ``module.<name>``'s spectral norm, from
+    the current state (no iteration), as floats (real parts): ``sigma`` first, then one per
+    extra pair of ``num_svs``. Without extra pairs, a one-element list.
+
+    Example::
+
+        >>> layer = spectral_norm(nn.Linear(20, 10), num_svs=2, seed=0)
+        >>> len(singular_values(layer))
+        2
+    """
+    plist, index, sn = _require(module, name)
+    return sn.singular_values(_sn_input(plist, index))
 
 
 # ---------------------------------------------------------------------------------------------
