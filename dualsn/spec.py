@@ -176,6 +176,11 @@ PRESETS: dict[str, Spec] = {
 
 DEFAULT_COMPAT = "torch"
 
+CONV_COMPAT = "torch_legacy"
+"""The preset of the convolution operator norm (``spectral_norm_conv``): i-ResNet's order,
+v <- N(conv^T u) then u <- N(conv v), with no warm-up. There u lives in the layer's output
+activation space and v in its input space: the W-matrix is the explicit convolution matrix."""
+
 DEFAULT_DIM_1_LAYERS: dict[str, tuple[str, ...]] = {
     "torch": ("torch.nn.ConvTranspose1d", "torch.nn.ConvTranspose2d", "torch.nn.ConvTranspose3d"),
     # paddle.nn.Linear stores its weight as [in, out]; paddle.compat.nn.Linear keeps torch's

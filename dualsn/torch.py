@@ -1216,10 +1216,6 @@ def spectral_norm(
     return _register(module, name, weight, SpectralNorm(weight, dim, sn_spec, s, track_sigma))
 
 
-_CONV_COMPAT = "torch_legacy"
-"""The preset whose algorithm :func:`spectral_norm_conv` runs: order "vu" (v <- N(M^H u),
-u <- N(M v), as i-ResNet), no warm-up, no registration iteration ("paddle" is the same)."""
-
 
 def spectral_norm_conv(
     module: nn.Module,
@@ -1267,7 +1263,7 @@ def spectral_norm_conv(
         torch.Size([3, 16, 16])
     """
     sn_spec = _spec.make_spec(
-        _CONV_COMPAT, n_power_iterations, eps,
+        _spec.CONV_COMPAT, n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
     _spec.check_seed(seed)
