@@ -112,6 +112,15 @@ CASES: tuple[Case, ...] = (
     _case("vector-eps1e-4-f64", "vector", VEC, eps=1e-4, dtype="float64"),
     _case("vector-tiny-eps1e-4-f64", "vector", VEC, eps=1e-4, dtype="float64", sigma_max=TINY),
     _case("vector-dimneg1-f32", "vector", VEC, dim=-1),
+    # dualsn's opt-in features (no built-in has them): the soft bound coeff (active and not),
+    # iterating until sigma settles, several singular values
+    _case("linear-coeff0.5-f64", "linear", LIN, dtype="float64", coeff=0.5),
+    _case("conv2d-coeff50-f32", "conv2d", CONV2, length=3, coeff=50.0),
+    _case("vector-coeff0.3-f64", "vector", VEC, dtype="float64", coeff=0.3),
+    _case("linear-rtol1e-6-f64", "linear", LIN, dtype="float64", rtol=1e-6, max_iterations=40),
+    _case("conv1d-atol1e-3-n2-f32", "conv1d", CONV1, n=2, atol=1e-3, max_iterations=30),
+    _case("linear-svs3-f64", "linear", LIN, dtype="float64", num_svs=3),
+    _case("convtranspose2d-svs2-coeff0.8-f32", "convtranspose2d", TCONV2, length=2, num_svs=2, coeff=0.8),
 )
 
 CASES_BY_ID = {case.id: case for case in CASES}
