@@ -14,6 +14,14 @@ added in place by a tensor hook, a training forward writes into a reused buffer,
 forward reuses the normalized weight while W, u and v are unchanged. Results differ from
 the built-in's only in the last bits (sigma and W / sigma are rounded differently).
 
+Lipschitz toolkit (opt-in, the same as in ``dualsn.torch``; the default path is unchanged):
+``coeff`` (soft bound: W / max(1, sigma / coeff)), ``atol``/``rtol`` (training forwards
+iterate until sigma settles; ``SpectralNormHook.last_iterations``), ``num_svs`` (several
+singular values, :func:`singular_values`), ``track_sigma`` (sigma in the state dict as
+``<name>_sigma``), and :func:`spectral_norm_conv`, the operator norm of a convolution rather
+than of its reshaped kernel. :func:`sigma` returns the last forward's sigma while W, u and v
+are unchanged, without a pass over W.
+
 This module imports paddle (and numpy, dualsn.spec) and no other framework.
 """
 
@@ -33,9 +41,13 @@ from dualsn import spec as _spec
 
 __all__ = [
     "SpectralNormHook",
+    "SpectralNormConvHook",
     "spectral_norm",
+    "spectral_norm_conv",
     "remove_spectral_norm",
     "sigma",
+    "singular_values",
+    "report",
     "is_spectral_norm",
     "get_spectral_norm",
     "invalidate_cache",
@@ -62,7 +74,7 @@ def _is_complex(x) -> bool:
     return x.dtype in _COMPLEX_DTYPES  # paddle.is_complex costs a few microseconds more
 
 
-_LOW_PRECISION = (paddle.float16, paddle.bfloat16)
+_LOW_PRECISION = tuple(getattr(paddle, name) for name in _spec.LOW_PRECISION_DTYPES)
 
 
 def _compute_dtype(dtype):
@@ -191,6 +203,119 @@ class WeightMatrix:
         return left, vh.reshape([self.a, 1, self.b])
 
 
+_CONV_FUNCTIONS = {
+    1: (F.conv1d, F.conv1d_transpose, "NCL"),
+    2: (F.conv2d, F.conv2d_transpose, "NCHW"),
+    3: (F.conv3d, F.conv3d_transpose, "NCDHW"),
+}
+
+
+def _padding_pairs(padding, spatial: int, channel_last: bool):
+    """A convolution layer's ``padding`` as (before, after) per spatial axis, or the string
+    "SAME" / "VALID": the forms Paddle's convolutions accept (an int, one int per axis, two
+    per axis, or one pair per axis of the data layout, batch and channel included)."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, (int, np.integer)):
+        return [(int(padding), int(padding))] * spatial
+    padding = list(padding)
+    if len(padding) == spatial + 2 and all(isinstance(p, (list, tuple)) for p in padding):
+        pairs = padding[1:-1] if channel_last else padding[2:]
+        return [(int(a), int(b)) for a, b in pairs]
+    if len(padding) == 2 * spatial:
+        return [(int(padding[2 * i]), int(padding[2 * i + 1])) for i in range(spatial)]
+    if len(padding) == spatial:
+        return [(int(p), int(p)) for p in padding]
+    raise NotImplementedError(f"spectral_norm_conv does not understand the layer's padding={padding!r}")
+
+
+class ConvGeometry:
+    """What the operator x -> conv(x, W) of one sample needs from a convolution layer.
+
+    ``input_shape`` / ``output_shape``: one sample's activation shapes, channels first (no
+    batch axis), whatever the layer's ``data_format`` (its kernel layout is the same). The
+    convolution pads explicitly by ``pads`` (before, after) per spatial axis; Paddle's "SAME"
+    padding is resolved here as Paddle does it (and, as Paddle does, with dilation 1). The
+    adjoint is the transposed convolution with padding 0, whose output is the *padded*
+    input, cropped back to ``input_shape`` (the adjoint of zero padding is a crop);
+    ``output_padding`` (< stride) makes it return exactly the padded size.
+    """
+
+    __slots__ = ("spatial", "stride", "dilation", "groups", "pads", "input_shape", "output_shape",
+                 "output_padding")
+
+    def __init__(self, layer, input_shape: tuple[int, ...]) -> None:
+        kernel = [int(k) for k in layer._kernel_size]
+        spatial = len(kernel)
+        self.spatial, self.groups = spatial, int(layer._groups)
+        self.stride = [int(x) for x in layer._stride]
+        self.dilation = [int(x) for x in layer._dilation]
+        self.input_shape = tuple(int(n) for n in input_shape)
+        channel_last = layer._data_format in ("NLC", "NHWC", "NDHWC")
+        padding = _padding_pairs(layer._padding, spatial, channel_last)
+        if padding == "SAME":
+            self.dilation = [1] * spatial  # Paddle's SAME padding ignores the dilation
+        pads, out_sizes, output_padding = [], [], []
+        for i in range(spatial):
+            n, s = self.input_shape[1 + i], self.stride[i]
+            reach = self.dilation[i] * (kernel[i] - 1)  # the kernel's extent minus one
+            if padding == "SAME":
+                total = max((-(-n // s) - 1) * s + reach + 1 - n, 0)
+                before, after = total // 2, total - total // 2
+            elif padding == "VALID":
+                before = after = 0
+            else:
+                before, after = padding[i]
+            padded = n + before + after
+            size = (padded - reach - 1) // s + 1
+            if size < 1:
+                raise ValueError(
+                    f"Expected input_shape to be large enough for the kernel, but spatial axis {i} of "
+                    f"input_shape={list(self.input_shape)} is {n} (padded: {padded}) and the dilated "
+                    f"kernel spans {reach + 1}"
+                )
+            pads += [before, after]
+            out_sizes.append(size)
+            output_padding.append(padded - ((size - 1) * s + reach + 1))
+        self.pads = pads
+        self.output_shape = (int(layer._out_channels), *out_sizes)
+        self.output_padding = output_padding
+
+
+class ConvOperator:
+    """The convolution of one sample as a linear map M x = conv(x, W) (no bias) from the input
+    activation space to the output one, and its adjoint M^T y = conv_transpose(y, W) cropped:
+    the ``op`` of :func:`_step`, on tensors of ``input_shape`` / ``output_shape``.
+
+    Its largest singular value is the convolution's operator norm (its Lipschitz constant in
+    the 2-norm), which the reshaped-kernel sigma of :func:`spectral_norm` is not.
+    """
+
+    __slots__ = ("weight", "geometry")
+
+    def __init__(self, weight, geometry: ConvGeometry) -> None:
+        self.weight, self.geometry = weight, geometry
+
+    def mv(self, x):
+        """M x for ``x`` of ``input_shape``: the convolution, of ``output_shape``."""
+        g = self.geometry
+        conv, _, layout = _CONV_FUNCTIONS[g.spatial]
+        out = conv(x.unsqueeze(0), self.weight, None, stride=g.stride, padding=g.pads,
+                   dilation=g.dilation, groups=g.groups, data_format=layout)
+        return out.squeeze(0)
+
+    def mhv(self, y):
+        """M^T y for ``y`` of ``output_shape``: the transposed convolution, of ``input_shape``."""
+        g = self.geometry
+        _, conv_t, layout = _CONV_FUNCTIONS[g.spatial]
+        x = conv_t(y.unsqueeze(0), self.weight, None, stride=g.stride, padding=0,
+                   output_padding=g.output_padding, dilation=g.dilation, groups=g.groups,
+                   data_format=layout)
+        starts = g.pads[0::2]
+        ends = [b + n for b, n in zip(starts, g.input_shape[1:])]
+        return paddle.slice(x, list(range(2, 2 + g.spatial)), starts, ends).squeeze(0)
+
+
 def _normalize_into(y, target, eps: float) -> float:
     """target <- N(y) = y / max(||y||, eps), in place; returns ||y||.
 
@@ -198,41 +323,107 @@ def _normalize_into(y, target, eps: float) -> float:
     pairs), and target = y * (1 / max(||y||, eps)) by copy_ + scale_: three small ops where
     F.normalize + assign take six. It rounds differently from F.normalize in the last bit.
     """
-    flat = paddle.as_real(y).reshape([-1]) if _is_complex(y) else y
+    flat = paddle.as_real(y).reshape([-1]) if _is_complex(y) else _flat(y)
     norm = math.sqrt(max(paddle.matmul(flat, flat).item(), 0.0))
     target.copy_(y, False)
     target.scale_(1.0 / max(norm, eps))  # also bumps target's inplace version
     return norm
 
 
-def _power_iteration_(mat: WeightMatrix, u, v, n: int, order: str, eps: float):
-    """``n`` power iterations, writing into u and v in place (their identity is kept, so
-    buffers shared between replicas see the update). Returns sigma = u^H W v for the new u,
-    v as a float, read off the last product (None when n == 0):
+def _flat(x):
+    """A 1-D view of ``x`` (``x`` itself when it is 1-D already: no new tensor object)."""
+    return x if x.ndim == 1 else x.reshape([-1])
 
-    * order "uv" ends with v = N(y), y = W^H u, and u^H W v = y^H v = ||y||^2 / max(||y||, eps);
-    * order "vu" ends with u = N(y), y = W v, and u^H W v = u^H y, the same number.
+
+def _orthogonalize(x, basis):
+    """``x`` minus its projections on the orthonormal vectors of ``basis``, one after the
+    other (Gram-Schmidt, as ``dualsn.spec.power_step``); any shape, ``x``'s kept."""
+    flat = _flat(x)
+    for b in basis:
+        b = _flat(b)
+        flat = flat - _vdot(b, flat) * b
+    return flat.reshape(x.shape) if x.ndim != 1 else flat
+
+
+def _step(op, u, v, extra_u, extra_v, order: str, eps: float) -> float:
+    """One power iteration on every (u, v) pair, in place (``dualsn.spec.power_step``).
+
+    ``op`` has ``mv`` (x -> M x) and ``mhv`` (y -> M^H y): a :class:`WeightMatrix` or a
+    :class:`ConvOperator`. ``u``, ``v`` are pair 0, the plain iteration; the rows of
+    ``extra_u``, ``extra_v`` (or None) are the extra pairs of ``num_svs``, each made
+    orthogonal to the pairs before it. Returns the norm of pair 0's last vector before
+    normalization, the sigma estimate (see :func:`_sigma_from_norm`).
+    """
+    if order == "uv":
+        _normalize_into(op.mv(v), u, eps)
+        norm = _normalize_into(op.mhv(u), v, eps)
+    else:
+        _normalize_into(op.mhv(u), v, eps)
+        norm = _normalize_into(op.mv(v), u, eps)
+    if extra_u is not None:
+        us, vs = [u], [v]  # the pairs already updated in this step
+        for i in range(int(extra_u.shape[0])):
+            ui, vi = extra_u[i], extra_v[i]  # views: the writes land in the buffers
+            if order == "uv":
+                _normalize_into(_orthogonalize(op.mv(vi), us), ui, eps)
+                _normalize_into(_orthogonalize(op.mhv(ui), vs), vi, eps)
+            else:
+                _normalize_into(_orthogonalize(op.mhv(ui), vs), vi, eps)
+                _normalize_into(_orthogonalize(op.mv(vi), us), ui, eps)
+            us.append(ui)
+            vs.append(vi)
+    return norm
+
+
+def _sigma_from_norm(norm: float, eps: float) -> float:
+    """sigma = u^H M v after a step, from the norm r of its last vector before normalization:
+
+    * order "uv" ends with v = N(y), y = M^H u, and u^H M v = y^H v = r^2 / max(r, eps);
+    * order "vu" ends with u = N(y), y = M v, and u^H M v = u^H y, the same number.
 
     So sigma costs no further pass over W (nor a dot), whatever the clamp to eps did.
     """
-    norm = None
-    with paddle.no_grad():
-        for _ in range(n):
-            if order == "uv":
-                _normalize_into(mat.mv(v), u, eps)
-                norm = _normalize_into(mat.mhv(u), v, eps)
-            else:
-                _normalize_into(mat.mhv(u), v, eps)
-                norm = _normalize_into(mat.mv(v), u, eps)
-    if norm is None:
-        return None
     return norm * (norm / max(norm, eps))
 
 
+def _power_iteration_(mat: WeightMatrix, u, v, n: int, order: str, eps: float, extra_u=None, extra_v=None):
+    """``n`` power iterations, writing into u and v (and the extra pairs) in place: their
+    identity is kept, so buffers shared between replicas see the update. Returns sigma =
+    u^H M v for the new u, v as a float, read off the last product (None when n == 0)."""
+    norm = None
+    with paddle.no_grad():
+        for _ in range(n):
+            norm = _step(mat, u, v, extra_u, extra_v, order, eps)
+    return None if norm is None else _sigma_from_norm(norm, eps)
+
+
+def _training_steps(op, vectors, spec: _spec.Spec):
+    """The power iterations of one training forward (``dualsn.spec.training_iterations``), in
+    place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
+
+    Without ``atol``/``rtol``: ``spec.n_power_iterations`` steps. With them: steps until the
+    sigma estimate (pair 0's last norm) settles against the previous one
+    (:meth:`dualsn.spec.Spec.settled`), after at least max(2, n_power_iterations) steps and at
+    most ``spec.max_iterations``.
+    """
+    if not spec.uses_tolerance:
+        return _power_iteration_(op, *vectors[:2], spec.n_power_iterations, spec.order, spec.eps,
+                                 *vectors[2:]), spec.n_power_iterations
+    previous, count = None, 0
+    with paddle.no_grad():
+        while count < spec.max_iterations:
+            norm = _step(op, *vectors, spec.order, spec.eps)
+            count += 1
+            if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
+                break
+            previous = norm
+    return _sigma_from_norm(norm, spec.eps), count
+
+
 def _sigma(mat: WeightMatrix, u, v, twice_differentiable: bool = False):
-    """sigma = u^H W v as a 0-D tensor, one pass over W (differentiable in W when grad is
-    enabled)."""
-    return _vdot(u, mat.mv(v), twice_differentiable)
+    """sigma = u^H M v as a 0-D tensor, one pass over W (differentiable in W when grad is
+    enabled); ``mat`` may also be a :class:`ConvOperator`."""
+    return _vdot(_flat(u), _flat(mat.mv(v)), twice_differentiable)
 
 
 def _sigma_value(mat: WeightMatrix, u, v):
@@ -420,50 +611,81 @@ def _needs_graph(weight) -> bool:
 def normalized_weight(
     weight, u, v, dim: int, spec: _spec.Spec, do_power_iteration: bool, pool: _BufferPool | None = None
 ):
-    """W / sigma(W), iterating u, v in place first when ``do_power_iteration``.
+    """W / sigma(W) (W / max(1, sigma / coeff) with ``spec.coeff``), iterating u, v in place
+    first when ``do_power_iteration`` (``spec.n_power_iterations`` steps, or until sigma
+    settles with ``spec.atol``/``spec.rtol``).
 
     ``u is None`` means an exact 1-D weight: W / max(||W||, eps), no state. When autograd
     needs a graph, the gradient is completed by :class:`_MatrixGradHook` /
     :class:`_VectorGradHook`. With a ``pool`` the result may be written into one of its
     buffers (real weights).
     """
+    return _normalized_weight(weight, (u, v, None, None), dim, spec, do_power_iteration, pool)[0]
+
+
+def _bound_inactive(spec: _spec.Spec, sigma) -> bool:
+    """True when ``coeff``'s soft bound leaves the weight as it is (divisor 1, gradient G)."""
+    return spec.coeff is not None and not np.real(sigma) > spec.coeff
+
+
+def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool, pool=None):
+    """:func:`normalized_weight` with the extra pairs of ``num_svs``: ``vectors`` = (u, v,
+    extra_u, extra_v). Returns (normalized weight, sigma as a number, power iterations run);
+    sigma is None in a static graph (no host values there)."""
+    u, v = vectors[0], vectors[1]
     if weight.dtype in _LOW_PRECISION:
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
-        wide = normalized_weight(weight.astype(paddle.float32), u, v, dim, spec, do_power_iteration)
-        return wide.astype(weight.dtype)
+        wide, sigma, count = _normalized_weight(
+            weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration
+        )
+        return wide.astype(weight.dtype), sigma, count
     graph = _needs_graph(weight)
     if not paddle.in_dynamic_mode():
-        return _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration)
+        if do_power_iteration and (spec.uses_tolerance or vectors[2] is not None):
+            raise NotImplementedError(
+                "atol/rtol and num_svs > 1 need dynamic mode in training (the iteration count "
+                "and the extra pairs are host-side); use them outside paddle.jit.to_static"
+            )
+        return _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration), None, 0
     if u is None:
         with paddle.no_grad():
             norm = _clamped_norm(weight, 0.0).item()  # ||W||
+            n0 = max(norm, spec.eps)  # sigma
             if not graph:
-                return _scaled(weight, max(norm, spec.eps))
+                return _scaled(weight, spec.divisor(n0)), n0, 0
+        if _bound_inactive(spec, n0):
+            return _scaled(weight, 1.0), n0, 0  # W itself: the gradient passes unchanged
         private = _private_view(weight)
         private.register_hook(_VectorGradHook(weight, spec.eps, norm))
-        return _scaled(private, max(norm, spec.eps))
+        return _scaled(private, spec.divisor(n0)), n0, 0
     mat = WeightMatrix(weight, dim)
-    sigma = None
+    sigma, count = None, 0
     if do_power_iteration:
-        sigma = _power_iteration_(mat, u, v, spec.n_power_iterations, spec.order, spec.eps)
+        sigma, count = _training_steps(mat, vectors, spec)
     if sigma is None:
         sigma = _sigma_value(mat, u, v)
-    slot = None if pool is None or _is_complex(weight) else pool.acquire(weight)
+    divisor = spec.divisor(sigma)  # sigma itself without coeff
+    inactive = graph and _bound_inactive(spec, sigma)
+    slot = None if pool is None or _is_complex(weight) or inactive else pool.acquire(weight)
     buffer = None if slot is None else slot[0]
+    hook = None
     if not graph:
         with paddle.no_grad():
-            out = _scaled(weight, sigma, buffer)
-        hook = None
+            out = _scaled(weight, divisor, buffer)
+    elif inactive:
+        out = _scaled(weight, 1.0)  # W itself: the gradient passes unchanged
     else:
         private = _private_view(weight)
+        # With coeff the hook's correction is the same (in terms of the gradient it receives,
+        # G / conj(divisor)): see spec.normalized_weight_grad.
         hook = _MatrixGradHook(mat, u.clone(), v.clone(), sigma)
         private.register_hook(hook)
-        out = _scaled(private, sigma, buffer)
+        out = _scaled(private, divisor, buffer)
     if slot is not None:
         slot[1] = weakref.ref(out)
         slot[2] = None if hook is None else weakref.ref(hook)
-    return out
+    return out, sigma, count
 
 
 def _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration):
@@ -476,7 +698,7 @@ def _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration):
     """
     if u is None:
         norm = _clamped_norm(weight, spec.eps, twice_differentiable=True)
-        return weight / paddle.cast(norm, weight.dtype)
+        return weight / _unfused_divisor(paddle.cast(norm, weight.dtype), spec.coeff)
     w_mat = weight
     if dim != 0:
         w_mat = w_mat.transpose(list(_spec.permutation(weight.ndim, dim)))
@@ -499,7 +721,16 @@ def _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration):
                     paddle.assign(_normalize(mhv(u), spec.eps), v)
                     paddle.assign(_normalize(mv(v), spec.eps), u)
     sigma = _vdot(u.clone(), mv(v.clone()), twice_differentiable=True)
-    return weight / sigma
+    return weight / _unfused_divisor(sigma, spec.coeff)
+
+
+def _unfused_divisor(sigma, coeff: float | None):
+    """``spec.divisor`` on a 0-D tensor, as a select (no host read): sigma, or with ``coeff``
+    sigma / coeff where Re(sigma) > coeff and 1 elsewhere."""
+    if coeff is None:
+        return sigma
+    active = (paddle.real(sigma) if _is_complex(sigma) else sigma) > coeff
+    return paddle.where(active, sigma / _scalar(coeff, sigma), paddle.ones_like(sigma))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,8 +826,44 @@ class _Watched:
             and bool((self._read() == self.sample).all())
         )
 
+    def refresh(self, tensor) -> bool:
+        """Sample ``tensor`` anew if it is the watched tensor, in the same memory (the host
+        view stays valid: it holds that memory); False if it is not."""
+        if tensor is not self.tensor or tensor.data_ptr() != self.key[0]:
+            return False
+        self.key = self._key(tensor)
+        if self.view is not None:
+            np.copyto(self.sample, self.view)
+        else:
+            self.sample = np.array(self._read(), copy=True)
+        return True
 
-class _EvalCache:
+
+class _SigmaRecord:
+    """The sigma of the last forward (or :func:`sigma` read), valid while W, u and v are
+    unchanged: the checks of :class:`_EvalCache` (same objects, memory, inplace versions and
+    sampled contents). :func:`sigma` returns it without a pass over W."""
+
+    __slots__ = ("watched", "sigma")
+
+    def __init__(self, weight, u, v, sigma) -> None:
+        self.watched = (_Watched(weight, _sample_step(weight)), _Watched(u), _Watched(v))
+        self.sigma = sigma
+
+    def valid(self, weight, u, v) -> bool:
+        return all(w.unchanged(t) for w, t in zip(self.watched, (weight, u, v)))
+
+    @classmethod
+    def renewed(cls, old, weight, u, v, sigma) -> "_SigmaRecord":
+        """A record of ``sigma`` for W, u, v: ``old`` refreshed in place when it watches the
+        same tensors (every training forward: a few microseconds instead of tens), else new."""
+        if type(old) is cls and all(w.refresh(t) for w, t in zip(old.watched, (weight, u, v))):
+            old.sigma = sigma
+            return old
+        return cls(weight, u, v, sigma)
+
+
+class _EvalCache(_SigmaRecord):
     """The normalized weight of one eval forward, reused while W, u and v are unchanged.
 
     Paddle bumps a tensor's inplace version for in-place tensor ops (``add_``, ``W[i] = x``,
@@ -611,10 +878,10 @@ class _EvalCache:
     :func:`invalidate_cache` after such a write.
     """
 
-    __slots__ = ("watched", "value", "value_version")
+    __slots__ = ("value", "value_version")
 
-    def __init__(self, weight, u, v, value) -> None:
-        self.watched = (_Watched(weight, _sample_step(weight)), _Watched(u), _Watched(v))
+    def __init__(self, weight, u, v, value, sigma=None) -> None:
+        super().__init__(weight, u, v, sigma)
         self.value = value
         self.value_version = value.inplace_version
 
@@ -627,9 +894,7 @@ class _EvalCache:
         """The cached normalized weight if W, u, v (and it) are unchanged, else None."""
         if self.value.inplace_version != self.value_version:
             return None
-        if all(w.unchanged(t) for w, t in zip(self.watched, (weight, u, v))):
-            return self.value
-        return None
+        return self.value if self.valid(weight, u, v) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,15 +912,27 @@ class SpectralNormHook:
     u and v are unchanged (see :class:`_EvalCache`); every other forward computes afresh.
     A training-mode forward writes into a buffer of a small pool when one is free (see
     :class:`_BufferPool`); ``reuse_buffers = False`` makes it allocate every time.
+
+    Opt-in features (``dualsn.spec.Spec``): with ``spec.coeff`` the weight is divided by the
+    soft bound max(1, sigma / coeff); with ``spec.atol``/``spec.rtol`` a training forward
+    iterates until sigma settles, and ``last_iterations`` says how many it ran (0 after an
+    eval forward); with ``spec.num_svs > 1`` the buffers ``<name>_u_extra`` /
+    ``<name>_v_extra`` (one row per extra pair) estimate further singular values; with
+    ``track_sigma`` the persistable buffer ``<name>_sigma`` holds the last forward's sigma.
+    Without it that sigma is kept on the hook (not in the state dict) and read by
+    :func:`sigma` while W, u and v are unchanged.
     """
 
-    def __init__(self, name: str, dim: int, spec: _spec.Spec, exact: bool) -> None:
+    def __init__(self, name: str, dim: int, spec: _spec.Spec, exact: bool, track_sigma: bool = False) -> None:
         self.name = name
         self.dim = dim
         self.spec = spec
         self.exact = exact
+        self.track_sigma = bool(track_sigma)
+        self.last_iterations = 0
         self.reuse_buffers = True
         self._cache: _EvalCache | None = None
+        self._record: _SigmaRecord | None = None
         self._pool = _BufferPool()
 
     def state(self, layer):
@@ -682,15 +959,86 @@ class SpectralNormHook:
             layer._buffers[self.name + "_u"], layer._buffers[self.name + "_v"] = u, v
         return weight, u, v
 
+    def extras(self, layer):
+        """(extra u rows, extra v rows) of ``num_svs > 1``, or (None, None)."""
+        if self.spec.num_svs == 1 or self.exact:
+            return None, None
+        names = (self.name + "_u_extra", self.name + "_v_extra")
+        pair = [layer._buffers.get(n) for n in names]
+        if pair[0] is None or pair[1] is None:
+            pair = [getattr(layer, n) for n in names]
+        if pair[0].dtype in _LOW_PRECISION:  # cast with the layer: back to float32, as u, v
+            pair = [t.astype(paddle.float32) for t in pair]
+            layer._buffers[names[0]], layer._buffers[names[1]] = pair
+        return tuple(pair)
+
+    def _operator(self, weight):
+        """The linear map whose largest singular value sigma estimates: the W-matrix."""
+        return WeightMatrix(_upcast(weight), self.dim)
+
+    def _compute(self, layer, weight, u, v, do_power_iteration: bool, pool=None):
+        """(normalized weight, sigma, power iterations run) for one forward, uncached."""
+        if do_power_iteration and self.track_sigma and not paddle.in_dynamic_mode():
+            raise NotImplementedError("track_sigma needs dynamic mode in training (outside paddle.jit.to_static)")
+        vectors = (u, v) + (self.extras(layer) if do_power_iteration else (None, None))
+        return _normalized_weight(weight, vectors, self.dim, self.spec, do_power_iteration, pool)
+
     def compute_weight(self, layer, do_power_iteration: bool):
         """The normalized weight, computed afresh (the eval cache is neither used nor
         changed)."""
         weight, u, v = self.state(layer)
-        return normalized_weight(weight, u, v, self.dim, self.spec, do_power_iteration)
+        return self._compute(layer, weight, u, v, do_power_iteration)[0]
+
+    def sigma(self, layer):
+        """sigma from the current state, without iterating: the last forward's when it still
+        belongs to W, u, v (see :class:`_SigmaRecord`), else u^H M v (then kept). A Python
+        number (complex for complex weights); max(||W||, eps) for an exact 1-D weight."""
+        weight, u, v = self.state(layer)
+        with paddle.no_grad():
+            if u is None:
+                # numpy has no bfloat16: widen in paddle first.
+                wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
+                return max(float(np.linalg.norm(wide.numpy().ravel())), self.spec.eps)
+            record = self._record
+            if record is not None and paddle.in_dynamic_mode() and record.valid(weight, u, v):
+                return record.sigma
+            value = _sigma_value(self._operator(weight), u, v)
+        if paddle.in_dynamic_mode():
+            self._record = _SigmaRecord(weight, u, v, value)
+        return value
+
+    def singular_values(self, layer) -> list:
+        """u_i^H M v_i for every pair, from the current state: sigma first, then one per
+        extra pair of ``num_svs``."""
+        values = [self.sigma(layer)]
+        u_extra, v_extra = self.extras(layer)
+        if u_extra is not None:
+            op = self._operator(self.state(layer)[0])
+            values += [_sigma_value(op, u_extra[i], v_extra[i]) for i in range(int(u_extra.shape[0]))]
+        return values
+
+    def _publish(self, layer, weight, u, v, sigma, count: int) -> None:
+        """After a forward: the iteration count, the kept sigma, the ``_sigma`` buffer."""
+        self.last_iterations = count
+        if sigma is None:  # a static graph: no host values
+            return
+        if u is not None:
+            self._record = _SigmaRecord.renewed(self._record, weight, u, v, sigma)
+        if self.track_sigma:
+            self._write_sigma(layer, sigma)
+
+    def _write_sigma(self, layer, sigma) -> None:
+        buffer = layer._buffers[self.name + "_sigma"]
+        if _is_complex(buffer):
+            buffer.set_value(np.asarray(sigma, dtype=np.complex128).astype(_NUMPY_COMPLEX[buffer.dtype]))
+        else:
+            buffer.fill_(float(np.real(sigma)))
 
     def invalidate(self) -> None:
-        """Forget the cached eval-mode weight: the next forward computes it afresh."""
+        """Forget the cached eval-mode weight and the kept sigma: the next forward computes
+        them afresh."""
         self._cache = None
+        self._record = None
 
     def __call__(self, layer, inputs) -> None:
         with _amp_off():
@@ -713,24 +1061,98 @@ class SpectralNormHook:
         if not cacheable:
             self._cache = None
             pool = self._pool if (layer.training and self.reuse_buffers) else None
-            return normalized_weight(weight, u, v, self.dim, self.spec, layer.training, pool)
-        if self._cache is not None:
-            value = self._cache.get(weight, u, v)
+            value, sigma, count = self._compute(layer, weight, u, v, layer.training, pool)
+            self._publish(layer, weight, u, v, sigma, count)
+            return value
+        self.last_iterations = 0
+        cache = self._cache
+        if cache is not None:
+            value = cache.get(weight, u, v)
             if value is not None:
+                if self.track_sigma:
+                    self._write_sigma(layer, cache.sigma)
                 return value
-        value = normalized_weight(weight, u, v, self.dim, self.spec, do_power_iteration=False)
-        self._cache = _EvalCache(weight, u, v, value)
+        value, sigma, _ = self._compute(layer, weight, u, v, do_power_iteration=False)
+        self._cache = self._record = _EvalCache(weight, u, v, value, sigma)
+        if self.track_sigma:
+            self._write_sigma(layer, sigma)
         return value
 
     def __getstate__(self) -> dict:
         # copy.deepcopy and pickling leave the cache behind: it refers to this layer's tensors.
         state = dict(self.__dict__)
-        state["_cache"] = None
+        state["_cache"] = state["_record"] = None
         state["_pool"] = _BufferPool()
         return state
 
     def __repr__(self) -> str:
-        return f"SpectralNormHook(name={self.name!r}, dim={self.dim}, spec={self.spec})"
+        extra = ", track_sigma=True" if self.track_sigma else ""
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, spec={self.spec}{extra})"
+
+
+class SpectralNormConvHook(SpectralNormHook):
+    """Forward-pre-hook that divides a convolution's kernel by the operator norm of the
+    convolution itself (registered by :func:`spectral_norm_conv`).
+
+    ``<name>_u`` (shape ``geometry.output_shape``) and ``<name>_v`` (``geometry.input_shape``)
+    live in the output and input activation spaces of one sample; the power iteration is
+    :func:`dualsn.spec.power_step` on the explicit convolution matrix, computed with the
+    layer's convolution and the matching transposed convolution (:class:`ConvOperator`).
+    ``dim`` is None: no axis of the kernel is singled out.
+    """
+
+    def __init__(self, name: str, geometry: ConvGeometry, spec: _spec.Spec, track_sigma: bool = False) -> None:
+        super().__init__(name, None, spec, False, track_sigma)
+        self.geometry = geometry
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.geometry.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.geometry.output_shape
+
+    def _operator(self, weight):
+        return ConvOperator(_upcast(weight), self.geometry)
+
+    def _compute(self, layer, weight, u, v, do_power_iteration: bool, pool=None):
+        spec = self.spec
+        if weight.dtype in _LOW_PRECISION:
+            # float32 math (Paddle's CPU convolutions have no half kernels), cast back
+            wide, sigma, count = self._compute(layer, weight.astype(paddle.float32), u, v, do_power_iteration)
+            return wide.astype(weight.dtype), sigma, count
+        op = ConvOperator(weight, self.geometry)
+        if not paddle.in_dynamic_mode():
+            if do_power_iteration:
+                raise NotImplementedError(
+                    "spectral_norm_conv needs dynamic mode in training (outside paddle.jit.to_static)"
+                )
+            return weight / _unfused_divisor(_sigma(op, u, v, twice_differentiable=True), spec.coeff), None, 0
+        sigma, count = None, 0
+        if do_power_iteration:
+            sigma, count = _training_steps(op, (u, v) + self.extras(layer), spec)
+        if sigma is None:
+            sigma = _sigma_value(op, u, v)
+        if not _needs_graph(weight):
+            with paddle.no_grad():
+                return _scaled(weight, spec.divisor(sigma)), sigma, count
+        if _bound_inactive(spec, sigma):
+            return _scaled(weight, 1.0), sigma, count  # W itself: the gradient passes unchanged
+        # Autograd differentiates sigma(W) = u . conv(v, W) here (u, v held constant: clones,
+        # since a later forward updates the buffers in place before this backward runs).
+        divisor = _sigma(op, u.clone(), v.clone(), twice_differentiable=True)
+        if spec.coeff is not None:
+            divisor = paddle.scale(divisor, 1.0 / spec.coeff)
+        return weight / divisor, sigma, count
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        extra = ", track_sigma=True" if self.track_sigma else ""
+        return (
+            f"SpectralNormConvHook(name={self.name!r}, input_shape={g.input_shape}, "
+            f"output_shape={g.output_shape}, spec={self.spec}{extra})"
+        )
 
 
 def _hooks_on(layer, name: str):
@@ -776,6 +1198,9 @@ def _dim_1_classes() -> tuple[type, ...]:
 
 
 
+_NUMPY_COMPLEX = {paddle.complex64: np.complex64, paddle.complex128: np.complex128}
+
+
 def _real_dtype(dtype):
     return {paddle.complex64: paddle.float32, paddle.complex128: paddle.float64}.get(dtype, dtype)
 
@@ -802,28 +1227,35 @@ def _initial_uv(weight, h: int, w: int, seed: int | None, eps: float):
     return u, v
 
 
-def spectral_norm(
-    layer,
-    name: str = "weight",
-    n_power_iterations: int = 1,
-    eps: float = 1e-12,
-    dim: int | None = None,
-    *,
-    compat: str = "torch",
-    seed: int | None = None,
-):
-    """Apply spectral normalization to the parameter ``name`` of ``layer``; returns ``layer``.
+def _initial_extra_uv(weight, h: int, w: int, count: int, seed: int | None, eps: float):
+    """Starting vectors of the ``count`` extra pairs of ``num_svs``: [count, h] and [count, w]
+    tensors, each row normalized; from ``spec.init_extra_uv`` when seeded, else Paddle's RNG
+    (the u rows, then the v rows)."""
+    dtype = _compute_dtype(weight.dtype)
+    if seed is not None:
+        us, vs = _spec.init_extra_uv(h, w, count, seed, _spec.init_dtype(str(dtype)), eps)
+        return tuple(paddle.to_tensor(x, place=weight.place).astype(dtype) for x in (us, vs))
+    real = _real_dtype(dtype)
 
-    ``compat`` picks the algorithm preset of :data:`dualsn.spec.PRESETS` (``"torch"``: the
-    torch parametrization with its warm-up; ``"torch_legacy"`` and ``"paddle"``: the
-    forward-pre-hook built-ins). ``dim`` defaults to 1 for ``paddle.nn.Linear`` (its weight is
-    ``[in, out]``) and the transposed convolutions, else 0, so the W-matrix is torch's.
-    ``seed`` (or :func:`dualsn.manual_seed`) gives u, v identical to ``dualsn.torch``'s.
+    def draw(n: int):
+        x = paddle.randn([count, n], dtype=real)
+        if _is_complex(weight):
+            x = paddle.complex(x, paddle.randn([count, n], dtype=real))
+        norms = paddle.sqrt(paddle.sum(paddle.abs(x) ** 2, axis=1, keepdim=True))
+        return x / paddle.cast(paddle.clip(norms, min=eps), x.dtype)
 
-    Everything is validated before the layer is touched: a failed call leaves it unchanged.
-    """
-    spec = _spec.make_spec(compat, n_power_iterations, eps)
-    _spec.check_seed(seed)
+    us = draw(h)
+    return us, draw(w)
+
+
+def _check_track_sigma(track_sigma) -> None:
+    if not isinstance(track_sigma, bool):
+        raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
+
+
+def _target_weight(layer, name):
+    """The parameter spectral norm would be put on, after the checks both entry points share
+    (nothing is changed)."""
     if _hooks_on(layer, name):
         raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name!r}")
     weight = layer._parameters.get(name) if isinstance(name, str) else None
@@ -837,57 +1269,252 @@ def spectral_norm(
             f"Expected parameter {name!r} to have a floating point or complex dtype, but it is "
             f"{weight.dtype}"
         )
-    shape = tuple(weight.shape)
-    _spec.check_weight_shape(shape, name)
-    if dim is None:
-        # The layer's default describes its weight; a 1-D parameter (a bias) has only axis 0.
-        dim = _spec.default_dim(isinstance(layer, _dim_1_classes()), len(shape))
-    dim = _spec.canonical_dim(dim, len(shape))
-    exact = spec.is_exact_vector(len(shape))
-    new_names = [name + "_orig"] + ([] if exact else [name + "_u", name + "_v"])
-    for attr in new_names:
+    _spec.check_weight_shape(tuple(weight.shape), name)
+    return weight
+
+
+def _state_names(name: str, exact: bool, spec: _spec.Spec, track_sigma: bool) -> list[str]:
+    """The layer attributes registration adds (besides ``name`` itself)."""
+    names = [name + "_orig"]
+    if not exact:
+        names += [name + "_u", name + "_v"]
+        if spec.num_svs > 1:
+            names += [name + "_u_extra", name + "_v_extra"]
+    if track_sigma:
+        names.append(name + "_sigma")
+    return names
+
+
+def _check_free(layer, name: str, names) -> None:
+    for attr in names:
         if hasattr(layer, attr):
             raise ValueError(
                 f"Cannot apply spectral_norm to {name!r}: {type(layer).__name__} already has an "
                 f"attribute {attr!r}, which spectral_norm needs for its state"
             )
-    seed = _spec.next_seed(seed)  # last: a failed call must not consume the manual_seed stream
 
-    # Compute the whole new state before the first change to the layer.
-    if exact:
-        u = v = None
-    else:
-        h, w = _spec.matrix_shape(shape, dim)
+
+def _register(layer, weight, hook: "SpectralNormHook", shapes, seed: int | None):
+    """Registration proper, once everything is validated: draws u, v of ``shapes`` = (u's
+    shape, v's shape) (None: exact normalization) and the extra pairs, runs the registration
+    iterations, computes the normalized weight and sigma, and only then changes the layer."""
+    name, spec = hook.name, hook.spec
+    u = v = u_extra = v_extra = None
+    if shapes is not None:
+        h, w = _prod(shapes[0]), _prod(shapes[1])
+        k = spec.num_svs - 1
         with paddle.no_grad():
             u, v = _initial_uv(weight, h, w, seed, spec.eps)
+            if k:
+                u_extra, v_extra = _initial_extra_uv(weight, h, w, k, seed, spec.eps)
+                u_extra, v_extra = u_extra.reshape([k, *shapes[0]]), v_extra.reshape([k, *shapes[1]])
+            if len(shapes[0]) != 1 or len(shapes[1]) != 1:
+                u, v = u.reshape(list(shapes[0])), v.reshape(list(shapes[1]))
             _power_iteration_(
-                WeightMatrix(_upcast(weight), dim), u, v, spec.registration_iterations(layer.training),
-                spec.order, spec.eps,
+                hook._operator(weight), u, v, spec.registration_iterations(layer.training),
+                spec.order, spec.eps, u_extra, v_extra,
             )
-    hook = SpectralNormHook(name, dim, spec, exact)
-    normalized = normalized_weight(weight, u, v, dim, spec, do_power_iteration=False)
+    normalized, sigma, _ = hook._compute(layer, weight, u, v, do_power_iteration=False)
+    if u is not None and paddle.in_dynamic_mode():
+        hook._record = _SigmaRecord(weight, u, v, sigma)
 
     # The same Parameter object moves to <name>_orig, so optimizers built before still see it.
     del layer._parameters[name]
     layer.add_parameter(name + "_orig", weight)
-    if not exact:
+    if u is not None:
         layer.register_buffer(name + "_u", u)
         layer.register_buffer(name + "_v", v)
+    if u_extra is not None:
+        layer.register_buffer(name + "_u_extra", u_extra)
+        layer.register_buffer(name + "_v_extra", v_extra)
+    if hook.track_sigma:
+        # u's dtype (complex for complex weights, float32 for half ones), real without u
+        dtype = u.dtype if u is not None else _real_dtype(_compute_dtype(weight.dtype))
+        layer.register_buffer(name + "_sigma", paddle.zeros([], dtype=dtype))
+        hook._write_sigma(layer, sigma)
     # A plain tensor attribute, which Paddle keeps as a non-persistable buffer: not in state_dict.
     setattr(layer, name, normalized)
     layer.register_forward_pre_hook(hook)
     return layer
 
 
+def spectral_norm(
+    layer,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    *,
+    compat: str = "torch",
+    seed: int | None = None,
+    coeff: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iterations: int = 100,
+    num_svs: int = 1,
+    track_sigma: bool = False,
+):
+    """Apply spectral normalization to the parameter ``name`` of ``layer``; returns ``layer``.
+
+    ``compat`` picks the algorithm preset of :data:`dualsn.spec.PRESETS` (``"torch"``: the
+    torch parametrization with its warm-up; ``"torch_legacy"`` and ``"paddle"``: the
+    forward-pre-hook built-ins). ``dim`` defaults to 1 for ``paddle.nn.Linear`` (its weight is
+    ``[in, out]``) and the transposed convolutions, else 0, so the W-matrix is torch's.
+    ``seed`` (or :func:`dualsn.manual_seed`) gives u, v identical to ``dualsn.torch``'s.
+
+    Opt-in features no built-in has (all off by default; see :class:`dualsn.spec.Spec`):
+
+    * ``coeff``: soft Lipschitz bound (i-ResNet, Residual Flows): the weight is divided by
+      max(1, sigma / coeff), so its spectral norm is at most ``coeff``, and a weight already
+      below it passes unchanged (gradient included).
+    * ``atol``, ``rtol``: a training forward iterates until two successive sigma estimates
+      agree within ``atol + rtol * sigma`` (at least max(2, n_power_iterations) iterations, at
+      most ``max_iterations``); the hook's ``last_iterations`` is the count.
+    * ``num_svs``: estimate this many leading singular values (BigGAN): extra (u, v) pairs in
+      the buffers ``<name>_u_extra`` / ``<name>_v_extra``, Gram-Schmidt orthogonalized, read
+      by :func:`singular_values`. The normalization uses the first pair only.
+    * ``track_sigma``: keep the last forward's sigma in a persistable buffer ``<name>_sigma``
+      (in the state dict), for logging. Without it :func:`sigma` still returns that sigma,
+      kept on the hook, while it is current.
+
+    For a convolution, sigma is the largest singular value of the kernel reshaped to an
+    (out_channels, in_channels * kernel) matrix, as in every built-in: that is *not* the
+    operator norm of the convolution (which can be several times larger, or smaller); for
+    that, see :func:`spectral_norm_conv`.
+
+    Everything is validated before the layer is touched: a failed call leaves it unchanged.
+
+    Example::
+
+        >>> layer = spectral_norm(paddle.nn.Linear(20, 10), coeff=0.97, atol=1e-4, num_svs=3, seed=0)
+        >>> _ = layer(paddle.randn([4, 20]))   # training mode: iterates until sigma settles
+        >>> len(singular_values(layer))
+        3
+    """
+    spec = _spec.make_spec(
+        compat, n_power_iterations, eps,
+        coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
+    )
+    _spec.check_seed(seed)
+    _check_track_sigma(track_sigma)
+    weight = _target_weight(layer, name)
+    shape = tuple(weight.shape)
+    if dim is None:
+        # The layer's default describes its weight; a 1-D parameter (a bias) has only axis 0.
+        dim = _spec.default_dim(isinstance(layer, _dim_1_classes()), len(shape))
+    dim = _spec.canonical_dim(dim, len(shape))
+    exact = spec.is_exact_vector(len(shape))
+    _check_free(layer, name, _state_names(name, exact, spec, track_sigma))
+    seed = _spec.next_seed(seed)  # last: a failed call must not consume the manual_seed stream
+
+    hook = SpectralNormHook(name, dim, spec, exact, track_sigma)
+    shapes = None if exact else tuple((n,) for n in _spec.matrix_shape(shape, dim))
+    return _register(layer, weight, hook, shapes, seed)
+
+
+def _conv_classes() -> tuple[type, ...]:
+    return (paddle.nn.Conv1D, paddle.nn.Conv2D, paddle.nn.Conv3D)
+
+
+def spectral_norm_conv(
+    layer,
+    input_shape,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    *,
+    coeff: float | None = None,
+    seed: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iterations: int = 100,
+    num_svs: int = 1,
+    track_sigma: bool = False,
+):
+    """Normalize a convolution by its operator norm; returns ``layer``.
+
+    For ``paddle.nn.Conv1D``/``Conv2D``/``Conv3D`` with ``padding_mode="zeros"``. The
+    convolution of one sample of shape ``input_shape`` (channels first, no batch axis:
+    ``(C, H, W)`` for Conv2D, whatever the layer's ``data_format``), without bias, is a linear
+    map M (an explicit matrix with one column per input entry); sigma estimates its largest
+    singular value, the layer's Lipschitz constant, which the reshaped-kernel sigma of
+    :func:`spectral_norm` is not. ``<name>_u`` (shape of one output sample) and ``<name>_v``
+    (shape ``input_shape``) live in the activation spaces, and the power iteration (order
+    "vu", as i-ResNet: v <- N(M^T u), u <- N(M v)) applies the layer's own convolution and
+    the matching transposed convolution (stride, padding, dilation, groups). The algorithm is
+    :class:`dualsn.spec.ReferenceSN` on M with the "torch_legacy" preset (no warm-up), so u,
+    v start from their draw: run a few training forwards, or use ``atol``/``rtol``, before
+    trusting sigma. A seeded draw is ``spec.init_uv(M's rows, M's columns, seed)`` reshaped,
+    the same as ``dualsn.torch.spectral_norm_conv``'s.
+
+    The layer must then only see inputs of ``input_shape`` for the bound to hold (other
+    sizes of a stride-1 convolution have a nearly equal norm, but that is not checked).
+    ``coeff``, ``atol``/``rtol``/``max_iterations``, ``num_svs``, ``track_sigma``, ``seed``:
+    as in :func:`spectral_norm`. :func:`remove_spectral_norm`, :func:`sigma` and
+    :func:`singular_values` work on it.
+
+    Raises TypeError for a layer that is not such a convolution (or a complex kernel: Paddle
+    has no complex convolutions), ValueError for an ``input_shape`` that does not fit it,
+    NotImplementedError for other padding modes.
+
+    Example::
+
+        >>> conv = spectral_norm_conv(paddle.nn.Conv2D(3, 8, 3, padding=1), (3, 16, 16), coeff=0.9, seed=0)
+        >>> list(conv.weight_v.shape)
+        [3, 16, 16]
+    """
+    spec = _spec.make_spec(
+        _spec.CONV_COMPAT, n_power_iterations, eps,
+        coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
+    )
+    _spec.check_seed(seed)
+    _check_track_sigma(track_sigma)
+    if not isinstance(layer, _conv_classes()):
+        raise TypeError(
+            "Expected layer to be a paddle.nn.Conv1D, Conv2D or Conv3D, but got "
+            f"{type(layer).__name__} (use spectral_norm for other layers)"
+        )
+    weight = _target_weight(layer, name)
+    if _is_complex(weight):
+        raise TypeError(f"spectral_norm_conv needs a real kernel (Paddle has no complex convolutions), got {weight.dtype}")
+    if layer._padding_mode != "zeros":
+        raise NotImplementedError(
+            f"spectral_norm_conv supports padding_mode='zeros' only, but the layer has "
+            f"padding_mode={layer._padding_mode!r}"
+        )
+    spatial = len(layer._kernel_size)
+    kernel_shape = (layer._out_channels, layer._in_channels // layer._groups, *layer._kernel_size)
+    if tuple(weight.shape) != tuple(int(n) for n in kernel_shape):
+        raise ValueError(
+            f"Expected {name!r} to have the layer's kernel shape {list(kernel_shape)}, but its "
+            f"shape is {list(weight.shape)}"
+        )
+    if (
+        not isinstance(input_shape, (tuple, list))
+        or len(input_shape) != spatial + 1
+        or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape)
+        or input_shape[0] != layer._in_channels
+    ):
+        raise ValueError(
+            f"Expected input_shape to be {spatial + 1} positive ints (channels={layer._in_channels}, "
+            f"then {spatial} spatial size(s); no batch axis), but got input_shape={input_shape!r}"
+        )
+    geometry = ConvGeometry(layer, tuple(input_shape))
+    _check_free(layer, name, _state_names(name, False, spec, track_sigma))
+    seed = _spec.next_seed(seed)  # last: a failed call must not consume the manual_seed stream
+
+    hook = SpectralNormConvHook(name, geometry, spec, track_sigma)
+    return _register(layer, weight, hook, (geometry.output_shape, geometry.input_shape), seed)
+
+
 def remove_spectral_norm(layer, name: str = "weight"):
     """Remove dualsn spectral norm from ``layer.<name>``; returns ``layer``.
 
-    ``<name>`` becomes a fresh trainable Parameter holding W / sigma for the current u, v (no
-    power iteration is run), and all spectral-norm state is removed.
+    ``<name>`` becomes a fresh trainable Parameter holding W / sigma for the current u, v
+    (W / max(1, sigma / coeff) with ``coeff``; no power iteration is run), and all
+    spectral-norm state is removed. Works on :func:`spectral_norm_conv` too.
     """
-    hook = get_spectral_norm(layer, name)
-    if hook is None:
-        raise ValueError(f"spectral_norm of {name!r} not found in {type(layer).__name__}")
+    hook = _require(layer, name)
     with paddle.no_grad():
         value = hook.compute_weight(layer, do_power_iteration=False)
     param = paddle.create_parameter(
@@ -901,30 +1528,48 @@ def remove_spectral_norm(layer, name: str = "weight"):
             del layer._forward_pre_hooks[hook_id]
             layer._forward_pre_hooks_with_kwargs_flag.pop(hook_id, None)
     del layer._parameters[name + "_orig"]
-    for buffer in (name, name + "_u", name + "_v"):
+    for buffer in (name, name + "_u", name + "_v", name + "_u_extra", name + "_v_extra", name + "_sigma"):
         layer._buffers.pop(buffer, None)
         layer._non_persistable_buffer_names_set.discard(buffer)
     layer.add_parameter(name, param)
     return layer
 
 
-def sigma(layer, name: str = "weight") -> float:
-    """sigma of ``layer.<name>`` from the current u, v (no iteration), as a float.
-
-    For an exact 1-D weight: max(||W||, eps).
-    """
+def _require(layer, name: str) -> SpectralNormHook:
     hook = get_spectral_norm(layer, name)
     if hook is None:
         raise ValueError(f"spectral_norm of {name!r} not found in {type(layer).__name__}")
-    weight, u, v = hook.state(layer)
-    with paddle.no_grad():
-        if u is None:
-            # numpy has no bfloat16: widen in paddle first.
-            wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
-            return max(float(np.linalg.norm(wide.numpy().ravel())), hook.spec.eps)
-        value = _sigma(WeightMatrix(_upcast(weight), hook.dim), u, v)
-        value = value.astype(paddle.complex128 if _is_complex(value) else paddle.float64)
-    return float(np.real(value.numpy()))
+    return hook
+
+
+def sigma(layer, name: str = "weight") -> float:
+    """sigma of ``layer.<name>`` from the current u, v (no iteration), as a float (real part).
+
+    It is u^H M v (M: the W-matrix, or the convolution of :func:`spectral_norm_conv`), taken
+    from the last forward while W, u and v have not changed since (no pass over W), else
+    computed. For an exact 1-D weight: max(||W||, eps).
+
+    Example::
+
+        >>> layer = spectral_norm(paddle.nn.Linear(20, 10), seed=0)
+        >>> sigma(layer) > 0
+        True
+    """
+    return float(np.real(_require(layer, name).sigma(layer)))
+
+
+def singular_values(layer, name: str = "weight") -> list[float]:
+    """The singular-value estimates u_i^H M v_i of ``layer.<name>``'s spectral norm, from the
+    current state (no iteration), as floats (real parts): sigma first, then one per extra pair
+    of ``num_svs``. Without extra pairs, a one-element list.
+
+    Example::
+
+        >>> layer = spectral_norm(paddle.nn.Linear(20, 10), num_svs=2, seed=0)
+        >>> len(singular_values(layer))
+        2
+    """
+    return [float(np.real(x)) for x in _require(layer, name).singular_values(layer)]
 
 
 def invalidate_cache(layer, name: str = "weight") -> None:
@@ -934,7 +1579,11 @@ def invalidate_cache(layer, name: str = "weight") -> None:
     :class:`_EvalCache`): a ``set_value`` or optimizer update that changes none of the
     sampled entries of a large W.
     """
-    hook = get_spectral_norm(layer, name)
-    if hook is None:
-        raise ValueError(f"spectral_norm of {name!r} not found in {type(layer).__name__}")
-    hook.invalidate()
+    _require(layer, name).invalidate()
+
+
+def report(layer):
+    """The per-layer sigma report of ``layer`` (see :func:`dualsn.report.report`); changes nothing."""
+    from dualsn import report as _report
+
+    return _report.report(layer)

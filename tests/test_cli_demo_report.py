@@ -107,10 +107,9 @@ def test_backend_report_wrappers():
     assert [(r.name, r.sigma, r.sigma_exact) for r in dualsn.torch.report(m).rows] == [
         (r.name, r.sigma, r.sigma_exact) for r in report.report(m).rows
     ]
-    if hasattr(dualsn.paddle, "report"):
-        layer = dualsn.paddle.spectral_norm(paddle.nn.Linear(4, 3), seed=0)
-        (row,) = dualsn.paddle.report(layer).rows
-        assert row.sigma == pytest.approx(dualsn.paddle.sigma(layer), rel=1e-6)
+    layer = dualsn.paddle.spectral_norm(paddle.nn.Linear(4, 3), seed=0)
+    (row,) = dualsn.paddle.report(layer).rows
+    assert row.sigma == pytest.approx(dualsn.paddle.sigma(layer), rel=1e-6)
 
 
 def test_report_changes_nothing():
