@@ -168,6 +168,23 @@ class Config:
     dtype: str = "float32"
     features: tuple[tuple[str, Any], ...] = ()
     """Opt-in features no built-in has (``spec.FEATURES``), as (name, value) pairs."""
+    track_sigma: bool = False
+    """Register with ``track_sigma=True`` (a registration option, not a spec field): the layer
+    keeps the last forward's sigma in a buffer, which traces record (:meth:`Instance.tracked_sigma`)."""
+    operator_norm: bool = False
+    """Register with ``spectral_norm_conv(input_shape = one sample of the layer's input)``: the
+    W-matrix is the explicit convolution matrix (rows: output entries, columns: input entries),
+    u, v (flattened in traces) live in the output and input activation spaces, and the preset
+    is ``spec.CONV_COMPAT``. Convolutions (not transposed) only."""
+
+    def __post_init__(self) -> None:
+        if self.operator_norm and (not self.layer.spatial or self.layer.transposed or self.dim is not None):
+            raise ValueError("operator_norm needs a (non-transposed) convolution and dim=None")
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the registration uses anything only dualsn has."""
+        return bool(self.features) or self.track_sigma or self.operator_norm
 
     @property
     def feature_kwargs(self) -> dict[str, Any]:
@@ -187,6 +204,9 @@ class Config:
         return spec.make_spec(preset, self.n_power_iterations, self.eps, **self.feature_kwargs)
 
     def matrix_shape(self) -> tuple[int, int]:
+        """(h, w) of the matrix whose largest singular value is estimated (u has h entries)."""
+        if self.operator_norm:
+            return int(np.prod(self.layer.output_shape()[1:])), int(np.prod(self.layer.input_shapes()[0][1:]))
         return spec.matrix_shape(self.layer.weight_shape, self.canonical_dim)
 
     def has_uv(self, preset: str) -> bool:
@@ -270,6 +290,10 @@ class Instance:
         """The ``num_svs`` singular-value estimates u_i^H W v_i from the current state."""
         raise Unsupported("this driver has no several-singular-value estimates")
 
+    def tracked_sigma(self) -> np.ndarray:
+        """The sigma the last forward used, as kept by ``track_sigma`` (0-d array)."""
+        raise Unsupported("this driver has no track_sigma")
+
 
 class Driver:
     """Builds :class:`Instance` objects for one implementation.
@@ -296,8 +320,11 @@ class Driver:
         """None if the driver can run ``config`` under ``preset`` (and ``primitive``), else why."""
         if preset not in self.presets:
             return f"{self.name} does not implement preset {preset!r}"
-        if config.features and not self.supports_features:
-            return f"{self.name} has none of dualsn's opt-in features ({', '.join(dict(config.features))})"
+        if config.uses_features and not self.supports_features:
+            used = list(dict(config.features)) + [f for f in ("track_sigma", "operator_norm") if getattr(config, f)]
+            return f"{self.name} has none of dualsn's opt-in features ({', '.join(used)})"
+        if config.operator_norm and preset != spec.CONV_COMPAT:
+            return f"the convolution operator norm runs under preset {spec.CONV_COMPAT!r} only"
         return None
 
     def initial_uv(self, config: Config, preset: str, seed: int):

@@ -1,5 +1,6 @@
 """Driver for ``dualsn.paddle`` (all presets), through its public API: ``spectral_norm(...,
-compat=preset, seed=seed)``, ``sigma``, ``remove_spectral_norm``, ``get_spectral_norm``. u, v
+compat=preset, seed=seed)`` (``spectral_norm_conv`` for ``Config.operator_norm``), ``sigma``,
+``remove_spectral_norm``, ``get_spectral_norm``. u, v
 and the trainable weight are read where ``dualsn.paddle`` keeps them (``weight_orig``,
 ``weight_u``, ``weight_v``, like the Paddle built-in).
 
@@ -13,11 +14,19 @@ from __future__ import annotations
 import numpy as np
 
 import dualsn.paddle as dsn
-from backends._paddle_common import HookInstance, default_dtype, make_layer, paddle_dim
+from backends._paddle_common import HookInstance, default_dtype, make_layer, paddle_dim, to_numpy
 from backends.base import Driver
 
 
 class DualsnPaddleInstance(HookInstance):
+    def uv(self):
+        # spectral_norm_conv keeps u, v in activation shapes: traces hold them flattened
+        uv = super().uv()
+        return None if uv is None else (uv[0].reshape(-1), uv[1].reshape(-1))
+
+    def tracked_sigma(self):
+        return to_numpy(self.layer.weight_sigma).reshape(())
+
     def _hook(self):
         return dsn.get_spectral_norm(self.layer, "weight")
 
@@ -44,10 +53,14 @@ class DualsnPaddleDriver(Driver):
             layer = make_layer(config, params)
         if not training:
             layer.eval()
-        dsn.spectral_norm(
-            layer, "weight", config.n_power_iterations, config.eps, paddle_dim(config), compat=preset, seed=seed,
-            **config.feature_kwargs,
-        )
+        options = dict(seed=seed, track_sigma=config.track_sigma, **config.feature_kwargs)
+        if config.operator_norm:  # preset is spec.CONV_COMPAT, the only one spectral_norm_conv has
+            input_shape = config.layer.input_shapes()[0][1:]
+            dsn.spectral_norm_conv(layer, input_shape, "weight", config.n_power_iterations, config.eps, **options)
+        else:
+            dsn.spectral_norm(
+                layer, "weight", config.n_power_iterations, config.eps, paddle_dim(config), compat=preset, **options
+            )
         return DualsnPaddleInstance(layer, config)
 
 

@@ -4,6 +4,10 @@ It is the oracle every other driver is compared with. Spectral-norm state and th
 gradient come from ``dualsn.spec`` (``ReferenceSN``, ``normalized_weight_grad``); the layer
 math (outputs, input/weight/bias gradients) from :mod:`backends.numpy_layers`. All arithmetic
 stays in the case's dtype, like the frameworks.
+
+The convolution operator norm (``Config.operator_norm``) is ``ReferenceSN`` on the EXPLICIT
+convolution matrix M(W), built by convolving the basis of the input space
+(:class:`ConvOperatorSN`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,69 @@ from __future__ import annotations
 import numpy as np
 
 from backends import numpy_layers
-from backends.base import Config, Driver, Grads, Instance
+from backends.base import Config, Driver, Grads, Instance, LayerSpec
 from dualsn import spec
+
+
+def conv_matrix(layer: LayerSpec, weight: np.ndarray) -> np.ndarray:
+    """The explicit matrix M(W) of ``layer``'s convolution without bias on one input sample:
+    column j is the (flattened) output for the j-th unit input."""
+    in_shape = layer.input_shapes()[0][1:]
+    n = int(np.prod(in_shape))
+    basis = np.eye(n, dtype=weight.dtype).reshape((n,) + in_shape)
+    return numpy_layers.conv(basis, weight).reshape(n, -1).T
+
+
+class ConvOperatorSN:
+    """Spectral norm by the operator norm of a convolution: a ``spec.ReferenceSN`` on M(W),
+    with the interface :class:`ReferenceInstance` uses of a ``ReferenceSN`` on the weight.
+
+    M(W) is linear in W, so the gradient of sigma = u^H M(W) v with respect to W is the
+    convolution's weight-vjp with input v and upstream gradient u."""
+
+    def __init__(self, layer: LayerSpec, weight: np.ndarray, sn_spec: spec.Spec, u0, v0, training: bool, **extra):
+        self.layer = layer
+        self.spec = sn_spec
+        self.dim = None
+        self.matrix_sn = spec.ReferenceSN(conv_matrix(layer, weight), 0, sn_spec, u0, v0, training=training, **extra)
+
+    @property
+    def u(self):
+        return self.matrix_sn.u
+
+    @property
+    def v(self):
+        return self.matrix_sn.v
+
+    def sigma(self, weight):
+        return self.matrix_sn.sigma(conv_matrix(self.layer, weight))
+
+    def singular_values(self, weight):
+        return self.matrix_sn.singular_values(conv_matrix(self.layer, weight))
+
+    def forward(self, weight, training):
+        m = conv_matrix(self.layer, weight)
+        self.matrix_sn.forward(m, training)  # iterates u, v on M (training); its M / sigma is unused
+        return weight / self.spec.divisor(self.matrix_sn.sigma(m))
+
+    def weight_grad(self, grad, weight):
+        """dL/dW given dL/dW_sn = ``grad``, u and v held constant: as
+        ``spec.normalized_weight_grad`` with d sigma / dW in place of u v^H."""
+        s = self.sigma(weight)
+        if self.spec.coeff is not None and self.spec.divisor(s) == 1.0:
+            return grad  # inactive soft bound: W_sn = W
+        scale = 1.0 if self.spec.coeff is None else self.spec.coeff
+        w_sn = weight / self.spec.divisor(s)
+        in_shape = (1,) + self.layer.input_shapes()[0][1:]
+        out_shape = (1,) + self.layer.output_shape()[1:]
+        dsigma, _ = numpy_layers.conv_vjp(self.v.reshape(in_shape), weight, self.u.reshape(out_shape))
+        return (scale * grad - np.vdot(w_sn, grad) * dsigma) / np.conj(s)
+
+    def state(self):
+        return self.matrix_sn.state()
+
+    def load_state(self, state):
+        self.matrix_sn.load_state(state)
 
 
 class ReferenceInstance(Instance):
@@ -29,9 +94,11 @@ class ReferenceInstance(Instance):
             h, w = config.matrix_shape()
             extra_u0, extra_v0 = spec.init_extra_uv(h, w, self.spec.num_svs - 1, seed, config.dtype, config.eps)
             extra = {"extra_u0": extra_u0, "extra_v0": extra_v0}
-        self.sn: spec.ReferenceSN | None = spec.ReferenceSN(
-            self.weight, config.canonical_dim, self.spec, u0, v0, training=training, **extra
-        )
+        if config.operator_norm:
+            self.sn = ConvOperatorSN(self.layer, self.weight, self.spec, u0, v0, training, **extra)
+        else:
+            self.sn = spec.ReferenceSN(self.weight, config.canonical_dim, self.spec, u0, v0, training=training, **extra)
+        self.last_sigma = None  # the sigma of the last forward (what track_sigma keeps)
         self._grads: tuple[np.ndarray, np.ndarray | None] | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -49,6 +116,9 @@ class ReferenceInstance(Instance):
     def singular_values(self):
         return np.asarray(self.sn.singular_values(self.weight))
 
+    def tracked_sigma(self):
+        return np.asarray(self.last_sigma)
+
     def original_weight(self):
         return self.weight.copy()
 
@@ -63,7 +133,9 @@ class ReferenceInstance(Instance):
         """The weight one forward uses (runs the power iteration in training mode)."""
         if self.sn is None:
             return self.weight
-        return self.sn.forward(self.weight, training)
+        used = self.sn.forward(self.weight, training)
+        self.last_sigma = self.sn.sigma(self.weight)  # with u, v as this forward left them
+        return used
 
     def forward(self, inputs, training):
         return numpy_layers.forward(self.layer, self._effective_weight(training), self.bias_, inputs)
@@ -74,15 +146,12 @@ class ReferenceInstance(Instance):
         g_bias = None if self.bias_ is None else np.zeros_like(self.bias_)
         for inputs, r, sign in batches:
             w_used = self._effective_weight(training)
-            # u, v as this forward left them: its sigma and its gradient use exactly these
-            state = None if self.sn is None else (self.sn.u, self.sn.v)
             outputs.append(numpy_layers.forward(self.layer, w_used, self.bias_, inputs))
             r = (sign * r).astype(self.weight.dtype)
             g_used, g_b, g_in = numpy_layers.vjp(self.layer, w_used, self.bias_, inputs, r)
-            if state is not None:
-                g_used = spec.normalized_weight_grad(
-                    g_used, self.weight, state[0], state[1], self.sn.dim, self.spec
-                )
+            if self.sn is not None:
+                # through W -> W_sn with u, v as this forward left them
+                g_used = self.sn.weight_grad(g_used, self.weight)
             g_weight = g_weight + g_used
             if g_bias is not None:
                 g_bias = g_bias + g_b

@@ -4,7 +4,8 @@ Every case is run by every driver under every preset the driver has. The table i
 cartesian product; it covers each layer kind (Linear, paddle.compat.nn.Linear, Conv1d/2d/3d,
 ConvTranspose1d/2d/3d, Embedding, Bilinear, a 1-D weight), default, explicit and negative dims,
 ``n_power_iterations`` 1 and 3, ``eps`` 1e-12 and 1e-4 (with "tiny" weights whose largest
-singular value is below eps, so eps changes every normalization), and float32 and float64.
+singular value is below eps, so eps changes every normalization), float32 and float64, and
+dualsn's opt-in features (``Config.features``, ``track_sigma``, the convolution operator norm).
 
 All data (weights, biases, inputs, upstream gradients R) is drawn from numpy's PCG64 seeded
 with the case's seed, which is derived from the case id, so adding or reordering cases
@@ -55,10 +56,12 @@ class Case:
 
 
 def _case(
-    id: str, kind: str, sizes, *, dim=None, n=1, eps=1e-12, dtype="float32", length=4, sigma_max=None, **features
+    id: str, kind: str, sizes, *, dim=None, n=1, eps=1e-12, dtype="float32", length=4, sigma_max=None,
+    track_sigma=False, operator_norm=False, **features
 ):
     layer = LayerSpec(kind, tuple(sizes), length=length)
-    return Case(id, Config(layer, dim, n, eps, dtype, tuple(sorted(features.items()))), sigma_max)
+    features = tuple(sorted(features.items()))
+    return Case(id, Config(layer, dim, n, eps, dtype, features, track_sigma, operator_norm), sigma_max)
 
 
 LIN, CONV1, CONV2, CONV3 = (5, 4), (2, 3, 2), (2, 3, 2), (2, 2, 2)
@@ -114,6 +117,17 @@ CASES: tuple[Case, ...] = (
     _case("vector-dimneg1-f32", "vector", VEC, dim=-1),
     # dualsn's opt-in features (no built-in has them): the soft bound coeff (active and not),
     # iterating until sigma settles, several singular values
+    # the tracked sigma buffer (track_sigma=True), with a W-matrix and with an exact 1-D norm
+    _case("linear-track_sigma-f32", "linear", LIN, track_sigma=True),
+    _case("vector-track_sigma-f64", "vector", VEC, dtype="float64", track_sigma=True),
+    # the convolution operator norm (spectral_norm_conv; preset spec.CONV_COMPAT only): the
+    # reference runs on the explicit convolution matrix
+    _case("conv1d-opnorm-f32", "conv1d", CONV1, operator_norm=True),
+    _case("conv2d-opnorm-n3-f64", "conv2d", CONV2, n=3, dtype="float64", length=3, operator_norm=True),
+    _case(
+        "conv2d-opnorm-coeff0.5-track_sigma-f32", "conv2d", CONV2, length=3, coeff=0.5, track_sigma=True,
+        operator_norm=True,
+    ),
     _case("linear-coeff0.5-f64", "linear", LIN, dtype="float64", coeff=0.5),
     _case("conv2d-coeff50-f32", "conv2d", CONV2, length=3, coeff=50.0),
     _case("vector-coeff0.3-f64", "vector", VEC, dtype="float64", coeff=0.3),

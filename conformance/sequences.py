@@ -37,10 +37,14 @@ class Trace(list):
             self.add(prefix + "singular_values", inst.singular_values())
 
     def uv(self, inst: Instance, prefix: str = "") -> None:
+        """u and v; with ``track_sigma`` also the tracked sigma. Every sequence calls this
+        right after a forward (never after a state read), so that sigma is the last forward's."""
         uv = inst.uv()
         if uv is not None:
             self.add(prefix + "u", uv[0])
             self.add(prefix + "v", uv[1])
+        if inst.config.track_sigma:
+            self.add(prefix + "tracked_sigma", inst.tracked_sigma())
 
     def grads(self, g, prefix: str = "") -> None:
         for i, out in enumerate(g.outputs):
