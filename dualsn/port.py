@@ -19,7 +19,15 @@ state dict, and converts it for the target layer's type:
   ``paddle.nn.Linear`` is normalized along dim 1 of its ``[in, out]`` weight). A 1-D weight
   normalized exactly (no u, v; the torch preset) and one normalized as an (n x 1) matrix (the
   other presets) convert into each other: u, v are dropped, or set to their fixed point
-  ``u = W / ||W||``, ``v = [1]``.
+  ``u = W / ||W||``, ``v = [1]``;
+* the state of dualsn's opt-in features: the extra pairs of ``num_svs > 1`` (torch
+  ``.0._u_extra`` / ``.0._v_extra`` <-> Paddle ``weight_u_extra`` / ``weight_v_extra``; rows
+  of W-matrix-space vectors like u, v, so unchanged) and the ``track_sigma`` buffer (``.0._sigma``
+  <-> ``weight_sigma``). A ``_sigma`` the target tracks and the source does not is computed
+  from the loaded state (the backend's ``sigma``); one the target does not track is dropped
+  (it is recomputed by every forward). ``spectral_norm_conv``'s u, v (and extra rows) have
+  the activation shapes of one output / input sample, the same in both frameworks, and cross
+  unchanged; a convolution norm never pairs with a matrix norm (the "dim" check refuses it).
 
 Loading is transactional: every pair is checked first (missing, unexpected, shape, dtype) and
 one :class:`PortError` lists every problem; when it is raised the target is unchanged.
@@ -89,9 +97,10 @@ class CheckpointError(ValueError):
 class Entry:
     """How one tensor of the target was (or will be) filled.
 
-    ``sn`` is ``""`` for a plain tensor, else ``"original"``, ``"u"`` or ``"v"`` of the
-    spectral norm on ``param``. ``source_key`` is None when no source tensor is read (``note``
-    says why).
+    ``sn`` is ``""`` for a plain tensor, else the role of the tensor in the spectral norm on
+    ``param``: ``"original"`` (W), ``"u"``, ``"v"``, ``"u_extra"``, ``"v_extra"`` (the extra
+    pairs of ``num_svs``) or ``"sigma"`` (``track_sigma``). ``source_key`` is None when no
+    source tensor is read (``note`` says why).
     """
 
     key: str
@@ -194,12 +203,13 @@ class _Torch:
         return "other", None
 
     def sn_info(self, layer, name: str):
-        """(dim, eps) of the spectral norm on ``layer.<name>``, any flavour, or None."""
+        """(dim, eps) of the spectral norm on ``layer.<name>``, any flavour, or None. dim is
+        None for a convolution operator norm (``spectral_norm_conv``)."""
         plists = getattr(layer, "parametrizations", None)
         if plists is not None and name in plists:
             for p in plists[name]:
                 if hasattr(p, "dim") and hasattr(p, "eps"):
-                    return int(p.dim), float(p.eps)
+                    return _dim_or_none(p.dim), float(p.eps)
         return _hook_sn_info(layer, name)
 
     def assign(self, tensor, array: np.ndarray) -> None:
@@ -210,11 +220,21 @@ class _Torch:
 
     def refresh(self, layer) -> None:
         """Recompute ``layer.<name>`` of the older torch hook, which caches it as a plain
-        attribute, so it reflects the loaded state before the next forward."""
+        attribute, so it reflects the loaded state before the next forward. (dualsn's caches
+        see the in-place copies through the tensors' version counters.)"""
         for hook in list(layer._forward_pre_hooks.values()):
             if type(hook).__name__ == "SpectralNorm" and hasattr(hook, "compute_weight"):
                 with self.torch.no_grad():
                     setattr(layer, hook.name, hook.compute_weight(layer, do_power_iteration=False))
+
+    def store_sigma(self, layer, name: str, tensor) -> None:
+        """Write sigma of the loaded state (u^H M v, no iteration) into ``tensor``, the
+        ``_sigma`` buffer of dualsn's spectral norm on ``layer.<name>``."""
+        import dualsn.torch as dsn
+
+        plist, index, sn = dsn._find(layer, name)
+        with self.torch.no_grad():
+            tensor.copy_(sn.sigma(dsn._sn_input(plist, index)))
 
 
 class _Paddle:
@@ -264,26 +284,48 @@ class _Paddle:
         return _hook_sn_info(layer, name)
 
     def assign(self, tensor, array: np.ndarray) -> None:
-        tensor.set_value(np.ascontiguousarray(array))
+        # reshape: ascontiguousarray turns a 0-d array (a tracked sigma) into shape (1,)
+        tensor.set_value(np.ascontiguousarray(array).reshape(np.shape(array)))
 
     def refresh(self, layer) -> None:
         """Recompute ``layer.<name>``, which the Paddle hooks (dualsn's and the built-in)
-        keep as a plain attribute, so it reflects the loaded state before the next forward."""
+        keep as a plain attribute, so it reflects the loaded state before the next forward,
+        and drop what dualsn's hook kept from the old state (eval cache, last sigma):
+        ``set_value`` may change entries its sampled checks do not look at."""
         for hook in list(layer._forward_pre_hooks.values()):
             if hasattr(hook, "compute_weight") and isinstance(getattr(hook, "name", None), str):
+                if hasattr(hook, "invalidate"):
+                    hook.invalidate()
                 with self.paddle.no_grad():
                     setattr(layer, hook.name, hook.compute_weight(layer, do_power_iteration=False))
+
+    def store_sigma(self, layer, name: str, tensor) -> None:
+        """Write sigma of the loaded state (u^H M v, no iteration) into ``tensor``, the
+        ``<name>_sigma`` buffer of dualsn's spectral norm on ``layer.<name>``."""
+        import dualsn.paddle as dsn
+
+        value = dsn.get_spectral_norm(layer, name).sigma(layer)
+        tensor.set_value(np.asarray(value).astype(_dtype_name(tensor)).reshape(_shape(tensor)))
+
+
+def _dim_or_none(dim) -> int | None:
+    """A spectral norm's dim; None for a convolution operator norm, which has no dim."""
+    return None if dim is None else int(dim)
+
+
+def _describe_dim(dim: int | None) -> str:
+    return "as a convolution operator (spectral_norm_conv)" if dim is None else f"along dim {dim}"
 
 
 def _hook_sn_info(layer, name: str):
     """(dim, eps) from a forward-pre-hook spectral norm on ``name`` (the older torch hook, the
-    Paddle built-in, dualsn's Paddle hook), or None."""
+    Paddle built-in, dualsn's Paddle hooks), or None; dim is None for a convolution norm."""
     for hook in getattr(layer, "_forward_pre_hooks", {}).values():
         if getattr(hook, "name", None) == name and hasattr(hook, "dim"):
             eps = getattr(hook, "eps", None)
             if eps is None and hasattr(hook, "spec"):
                 eps = hook.spec.eps
-            return int(hook.dim), float(eps if eps is not None else 1e-12)
+            return _dim_or_none(hook.dim), float(eps if eps is not None else 1e-12)
     return None
 
 
@@ -333,24 +375,38 @@ def _split_key(key: str) -> tuple[str, str]:
 
 _PARAMETRIZED = re.compile(r"parametrizations\.([^.]+)\.(?:original|(\d+)\.([^.]+))$")
 
+STATE_ROLES = ("u", "v", "u_extra", "v_extra", "sigma")
+"""Spectral-norm state besides W, by role: torch keeps role r as ``.<i>._<r>``, the hooks as
+``<name>_<r>``. ``u_extra``/``v_extra`` (``num_svs``) and ``sigma`` (``track_sigma``) are
+dualsn's; the built-ins have u and v only."""
+
+_EXTRA_ROLES = ("u_extra", "v_extra")
+
 
 def _sn_keys(locals_: Mapping[str, str], param: str) -> dict[str, str]:
     """The keys of the spectral-norm state on ``param`` among one layer's local names
-    (local name -> full key), by role ``original`` / ``u`` / ``v``; {} if there is none."""
+    (local name -> full key), by role ``original`` or one of :data:`STATE_ROLES`; {} if
+    there is none."""
     found: dict[str, str] = {}
     original = f"parametrizations.{param}.original"
     if original in locals_:
         found["original"] = locals_[original]
         for local, key in locals_.items():
             m = _PARAMETRIZED.match(local)
-            if m and m.group(1) == param and m.group(3) in ("_u", "_v"):
+            if m and m.group(1) == param and m.group(3) and m.group(3)[1:] in STATE_ROLES:
                 found[m.group(3)[1:]] = key
     elif param + "_orig" in locals_:
         found["original"] = locals_[param + "_orig"]
-        for role in ("u", "v"):
+        for role in STATE_ROLES:
             if f"{param}_{role}" in locals_:
                 found[role] = locals_[f"{param}_{role}"]
     return found
+
+
+# Longest suffixes first: "weight_u_extra" is the u_extra of "weight", not the u of "weight_u_extra".
+_HOOK_SUFFIXES = tuple(sorted(
+    [("_orig", "original")] + [("_" + r, r) for r in STATE_ROLES], key=lambda pair: -len(pair[0])
+))
 
 
 def _sn_param_of(local: str, locals_: Mapping[str, str]) -> tuple[str, str] | None:
@@ -359,10 +415,10 @@ def _sn_param_of(local: str, locals_: Mapping[str, str]) -> tuple[str, str] | No
     if m:
         if m.group(2) is None:
             return m.group(1), "original"
-        if m.group(3) in ("_u", "_v"):
+        if m.group(3)[1:] in STATE_ROLES and m.group(3).startswith("_"):
             return m.group(1), m.group(3)[1:]
         return None
-    for suffix, role in (("_orig", "original"), ("_u", "u"), ("_v", "v")):
+    for suffix, role in _HOOK_SUFFIXES:
         if local.endswith(suffix) and local[: -len(suffix)] + "_orig" in locals_:
             return local[: -len(suffix)], role
     return None
@@ -391,8 +447,9 @@ class _Step:
     entry: Entry
     target: Any  # the live target tensor
     reshape: bool = False  # see _RESHAPED
-    synth_from: str | None = None  # u, v of a matrix-mode 1-D norm, from an exact norm's W
+    synth_from: str | None = None  # u, v (extra rows) of a matrix-mode 1-D norm, from an exact norm's W
     eps: float = 1e-12
+    sigma_of: tuple[Any, str] | None = None  # (layer, param): a _sigma computed after loading
 
 
 class _Planner:
@@ -476,10 +533,10 @@ class _Planner:
         self._check_dtype(key, tensor, source_key, value)
         if role == "original" and info and self.source_dims and (prefix, s_param) in self.source_dims:
             s_dim = self.source_dims[(prefix, s_param)]
-            if info[0] != ((1 - s_dim) if transposed else s_dim):
+            if info[0] != ((1 - s_dim) if (transposed and s_dim is not None) else s_dim):
                 self.problems.append(
-                    f"spectral norm of {_join(prefix, param)!r} is taken along dim {info[0]} in "
-                    f"the target but along dim {s_dim} in the source"
+                    f"spectral norm of {_join(prefix, param)!r} is taken {_describe_dim(info[0])} in "
+                    f"the target but {_describe_dim(s_dim)} in the source"
                     f"{' (a transposed Linear weight)' if transposed else ''}: u and v would not fit"
                 )
         note = f"reshaped {list(s_shape)} -> {list(shape)}" if reshape else ""
@@ -502,19 +559,27 @@ class _Planner:
         if kind == "batchnorm" and local == "num_batches_tracked" and self.source == "paddle":
             self.steps.append(_Step(Entry(key, None, shape, note="kept: Paddle has no counterpart"), tensor))
             return
-        if role in ("u", "v") and "original" in s_sn and len(shape) == 1 and info:
+        if role in ("u", "v", *_EXTRA_ROLES) and "original" in s_sn and "u" not in s_sn and info:
             # The source normalizes the 1-D weight exactly (no u, v); the target treats it as an
-            # (n x 1) matrix: start it at that norm's fixed point u = W / ||W||, v = [1].
+            # (n x 1) matrix: start it at that norm's fixed point u = W / ||W||, v = [1]. The
+            # extra pairs' fixed point is zero: an (n x 1) matrix has no second singular value.
             w_key = s_sn["original"]
             w = self.state_dict[w_key]
-            if (_is_tensor(w) and len(_shape(w)) == 1 and shape == (_shape(w) if role == "u" else (1,))
-                    and _dtype_name(w) == _dtype_name(tensor)):
+            n = _shape(w)[0] if _is_tensor(w) and len(_shape(w)) == 1 else None
+            k = shape[0] if role in _EXTRA_ROLES else None  # extra rows: (k, n) and (k, 1)
+            fits = {"u": (n,), "v": (1,), "u_extra": (k, n), "v_extra": (k, 1)}[role]
+            if n is not None and shape == fits and _dtype_name(w) == _dtype_name(tensor):
                 entry = Entry(key, None, shape, sn=role, param=param,
                               note=f"fixed point of the exact norm of {w_key}")
                 self.steps.append(_Step(entry, tensor, synth_from=w_key, eps=info[1]))
                 return
+        if role == "sigma" and "original" in s_sn and info:
+            # The target tracks sigma and the source does not: sigma of the loaded state.
+            entry = Entry(key, None, shape, sn=role, param=param, note="computed: sigma of the loaded state")
+            self.steps.append(_Step(entry, tensor, sigma_of=(self.layers[prefix], param)))
+            return
         hint = ""
-        if role in ("u", "v"):
+        if role in STATE_ROLES:
             hint = f" (the source has no spectral-norm state on {_join(prefix, s_param)!r})"
         elif role == "" and s_sn:
             hint = f" (the source has spectral norm on {_join(prefix, s_param)!r}; the target has none)"
@@ -528,17 +593,30 @@ class _Planner:
             s_sn = _sn_param_of(local, s_locals)
             if kind == "batchnorm" and local == "num_batches_tracked" and self.target_fw == "paddle":
                 self.consumed.add(s_key)  # Paddle's BatchNorm has no step counter
-            elif s_sn and s_sn[1] in ("u", "v"):
-                # u, v of an (n x 1) matrix norm where the target normalizes the same 1-D
-                # weight exactly and keeps no u, v.
+            elif s_sn and s_sn[1] in STATE_ROLES:
                 t_sn = _sn_keys(t_locals, _rename(s_sn[0], kind, self.target_fw, self.source))
-                if t_sn and "u" not in t_sn and len(_shape(self.state_dict[s_key])) == 1:
+                if not t_sn:
+                    continue  # no spectral norm there in the target: unexpected
+                if s_sn[1] == "sigma":
+                    # a tracked sigma the target does not track: every forward recomputes it
                     self.consumed.add(s_key)
+                elif "u" not in t_sn and _is_1d_state(s_sn[1], _shape(self.state_dict[s_key])):
+                    # u, v (extra rows) of an (n x 1) matrix norm where the target normalizes
+                    # the same 1-D weight exactly and keeps no u, v.
+                    self.consumed.add(s_key)
+
+
+def _is_1d_state(role: str, shape: tuple[int, ...]) -> bool:
+    """Whether state of ``role`` and ``shape`` can belong to an (n x 1) matrix norm of a 1-D
+    weight: u, v are vectors, the extra rows (k, n) and (k, 1) matrices."""
+    return len(shape) == (2 if role in _EXTRA_ROLES else 1)
 
 
 def _source_array(step: _Step, state_dict) -> np.ndarray:
     if step.synth_from is not None:
         w = _to_numpy(state_dict[step.synth_from])
+        if step.entry.sn in _EXTRA_ROLES:
+            return np.zeros(step.entry.shape, dtype=w.dtype)
         if step.entry.sn == "v":
             return np.ones(1, dtype=w.dtype)
         return (w / np.maximum(np.linalg.norm(w), np.asarray(step.eps, dtype=w.real.dtype))).astype(w.dtype)
@@ -572,6 +650,9 @@ def _load(target, state_dict, source, strict, progress, source_layouts=None, sou
         report.entries.append(step.entry)
     for layer in plan.layers.values():
         plan.adapter.refresh(layer)
+    for step in plan.steps:  # after every other tensor: sigma of the loaded W, u, v
+        if step.sigma_of is not None:
+            plan.adapter.store_sigma(*step.sigma_of, step.target)
     return report
 
 

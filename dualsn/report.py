@@ -10,9 +10,26 @@ them up into upper bounds on the network's Lipschitz constant.
 The bounds are heuristics. A product of per-layer norms bounds the Lipschitz constant of a
 plain *chain* of the layers with 1-Lipschitz activations in between; residual sums,
 concatenations, normalization layers and attention are not accounted for. And for a
-convolution the W-matrix is the *reshaped kernel* (out x in*kh*kw): its largest singular value
-is not the operator norm of the convolution, which can be larger (by up to
-sqrt(kh*kw) for stride 1), so for convolutions even the chain "bound" is not a guarantee.
+convolution under ``spectral_norm`` the W-matrix is the *reshaped kernel* (out x in*kh*kw):
+its largest singular value is not the operator norm of the convolution, which can be larger
+(by up to sqrt(kh*kw) for stride 1), so for convolutions even the chain "bound" is not a
+guarantee.
+
+A convolution under ``spectral_norm_conv`` is normalized by its operator norm: its matrix M is
+the explicit convolution of one sample of its ``input_shape`` (u, v live in the output and
+input activation spaces), its ``dim`` shows as "conv", and the exact value is the largest
+singular value of M. M is built here in numpy (:class:`ConvShape`) and goes through an SVD
+when it has at most :data:`CONV_SVD_LIMIT` entries (1e6, 8 MB: an SVD of a 1000 x 1000
+matrix takes a second or two, and its cost grows with the cube of the size); for a
+larger one the reference is a Lanczos estimate (matrix-free, at most
+:data:`CONV_LANCZOS_STEPS` products with M and M^H, started from the stored v): a *lower*
+bound of the exact value, to about 1e-10 when it converged, marked "~" in the tables and
+``exact_method == "lanczos"`` in the row. (Lanczos rather than more power iterations: for the
+same number of products it converges far faster when the top singular values are close.)
+
+With ``coeff`` a layer divides by max(1, sigma / coeff) rather than sigma (see
+:meth:`dualsn.spec.Spec.divisor`), so its normalized norm is sigma_exact / max(1, sigma / coeff),
+min(sigma_exact, coeff) when the estimate is exact; the products use that.
 
 Nothing here changes the model: no power iteration runs on its state. The numbers come from
 numpy copies of W, u and v, so this module imports numpy only; a framework is imported by
@@ -21,7 +38,9 @@ the collector for its own models.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -30,13 +49,157 @@ import numpy as np
 
 from dualsn import spec as _spec
 
-__all__ = ["LayerSN", "ReportRow", "SNReport", "report", "collect", "preset_name", "convergence"]
+__all__ = ["LayerSN", "ReportRow", "SNReport", "ConvShape", "report", "collect", "preset_name", "convergence"]
 
 NOTE = (
     "Lipschitz bounds assume a plain chain of these layers with 1-Lipschitz activations; for "
-    "convolutions sigma is that of the reshaped kernel (out x in*k*k), not the operator norm "
-    "of the convolution, so there the bound is a heuristic."
+    "convolutions under spectral_norm sigma is that of the reshaped kernel (out x in*k*k), not the "
+    "operator norm of the convolution, so there the bound is a heuristic (rows with dim 'conv', "
+    "from spectral_norm_conv, use the operator norm)."
 )
+LANCZOS_NOTE = (
+    "~: the explicit convolution matrix is too large for an SVD; the reference is a Lanczos "
+    "estimate, a lower bound of the exact operator norm."
+)
+
+CONV_SVD_LIMIT = 1_000_000
+"""A convolution matrix with at most this many entries (input size x output size) is built
+explicitly and its exact largest singular value taken by SVD; a larger one gets a Lanczos
+estimate."""
+
+CONV_LANCZOS_STEPS = 100
+"""At most this many Lanczos steps (each one product with M and one with M^H) give the
+reference value of a convolution too large for an SVD; they stop once the largest Ritz value
+of M^H M is within :data:`CONV_LANCZOS_RTOL` (relative) of an eigenvalue."""
+
+CONV_LANCZOS_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """The convolution of one sample, as ``spectral_norm_conv`` sees it: a linear map M from
+    the input activation space (``input_shape``, channels first) to the output one, no bias.
+    Zero padding of ``pads`` entries before each spatial axis (entries after the input are
+    zeros too; only as many as the kernel reaches are used), then a cross-correlation with
+    ``stride``, ``dilation`` and ``groups``, as both frameworks compute it. Numpy only.
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[int, ...]
+    groups: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(rows, columns) of M: output entries, input entries."""
+        return int(np.prod(self.output_shape)), int(np.prod(self.input_shape))
+
+    def _windows(self, kernel: tuple[int, ...]):
+        """(kernel offset, slices of the padded input it meets), one per kernel entry, and
+        the padded input's spatial sizes."""
+        padded = []
+        for n, m, s, d, k, p in zip(self.input_shape[1:], self.output_shape[1:], self.stride,
+                                    self.dilation, kernel, self.pads):
+            padded.append(max(p + n, (m - 1) * s + d * (k - 1) + 1))
+        windows = []
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            windows.append((offset, tuple(
+                slice(o * d, o * d + (m - 1) * s + 1, s)
+                for o, d, m, s in zip(offset, self.dilation, self.output_shape[1:], self.stride)
+            )))
+        return windows, padded
+
+    def _grouped(self, weight: np.ndarray) -> np.ndarray:
+        out_c, in_per_group = weight.shape[:2]
+        return weight.reshape(self.groups, out_c // self.groups, in_per_group, *weight.shape[2:])
+
+    def mv(self, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """M x for a batch ``x`` of shape (batch, *input_shape); returns (batch, *output_shape)."""
+        g = self._grouped(weight)
+        windows, padded = self._windows(weight.shape[2:])
+        batch = x.shape[0]
+        xp = np.zeros((batch, *self.input_shape[:1], *padded), np.result_type(x, weight))
+        xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(self.pads, self.input_shape[1:]))] = x
+        xp = xp.reshape(batch, self.groups, -1, *padded)
+        out = 0
+        for offset, window in windows:
+            # one kernel entry: a (out/groups x in/groups) matrix times the input it meets
+            patch = xp[(slice(None),) * 3 + window].reshape(batch, self.groups, g.shape[2], -1)
+            out = out + g[(slice(None),) * 3 + offset] @ patch
+        return out.reshape(batch, *self.output_shape)
+
+    def mhv(self, weight: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """M^H y for a batch ``y`` of shape (batch, *output_shape); returns (batch, *input_shape):
+        the transposed convolution with the conjugate kernel, cropped (the adjoint of M)."""
+        g = self._grouped(weight).conj()
+        windows, padded = self._windows(weight.shape[2:])
+        batch = y.shape[0]
+        yg = y.reshape(batch, self.groups, g.shape[1], -1)
+        xp = np.zeros((batch, self.groups, g.shape[2], *padded), np.result_type(y, weight))
+        spatial = self.output_shape[1:]
+        for offset, window in windows:
+            kernel_entry = np.swapaxes(g[(slice(None),) * 3 + offset], -1, -2)
+            xp[(slice(None),) * 3 + window] += (kernel_entry @ yg).reshape(batch, self.groups, -1, *spatial)
+        crop = tuple(slice(p, p + n) for p, n in zip(self.pads, self.input_shape[1:]))
+        return xp.reshape(batch, -1, *padded)[(slice(None), slice(None)) + crop]
+
+    def matrix(self, weight: np.ndarray) -> np.ndarray:
+        """M explicitly: column j is the convolution of the j-th unit input."""
+        rows, cols = self.size
+        basis = np.eye(cols, dtype=weight.dtype).reshape(cols, *self.input_shape)
+        return self.mv(weight, basis).reshape(cols, rows).T
+
+
+def _conv_shape(geometry) -> ConvShape:
+    """A :class:`ConvShape` from either backend's ``ConvGeometry`` (torch keeps the padding
+    before each axis as ``crop``, Paddle as ``pads`` = (before, after) per axis)."""
+    crop = getattr(geometry, "crop", None)
+    pads = tuple(crop) if crop is not None else tuple(geometry.pads[0::2])
+    return ConvShape(
+        tuple(int(n) for n in geometry.input_shape), tuple(int(n) for n in geometry.output_shape),
+        tuple(int(n) for n in geometry.stride), tuple(int(n) for n in geometry.dilation),
+        tuple(int(n) for n in pads), int(geometry.groups),
+    )
+
+
+class _Dense:
+    """The W-matrix as the linear map of a power iteration."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix = matrix
+
+    def mv(self, v: np.ndarray) -> np.ndarray:
+        return self.matrix @ v
+
+    def mhv(self, u: np.ndarray) -> np.ndarray:
+        return self.matrix.conj().T @ u
+
+
+class _Conv:
+    """A convolution matrix, matrix-free, on flat vectors."""
+
+    def __init__(self, conv: ConvShape, weight: np.ndarray) -> None:
+        self.conv, self.weight = conv, weight
+
+    def mv(self, v: np.ndarray) -> np.ndarray:
+        return self.conv.mv(self.weight, v.reshape(1, *self.conv.input_shape)).ravel()
+
+    def mhv(self, u: np.ndarray) -> np.ndarray:
+        return self.conv.mhv(self.weight, u.reshape(1, *self.conv.output_shape)).ravel()
+
+
+def _power_step(op, u: np.ndarray, v: np.ndarray, order: str, eps: float):
+    """One power iteration of a single pair in ``order``: :func:`dualsn.spec.power_step` for a
+    linear map given by its products."""
+    if order == "uv":
+        u = _spec.normalize(op.mv(v), eps)
+        v = _spec.normalize(op.mhv(u), eps)
+    else:
+        v = _spec.normalize(op.mhv(u), eps)
+        u = _spec.normalize(op.mv(v), eps)
+    return u, v
 
 
 @dataclass(frozen=True)
@@ -45,49 +208,123 @@ class LayerSN:
 
     ``weight`` is the unnormalized W (float64 or complex128), ``u`` and ``v`` the stored
     singular-vector estimates (None for a 1-D weight normalized exactly), ``spec`` the
-    algorithm (a built-in gets the preset that equals it, with its own n and eps).
+    algorithm (a built-in gets the preset that equals it, with its own n and eps). A
+    convolution normalized by its operator norm (``spectral_norm_conv``) has ``dim`` None and
+    ``conv`` set; its u, v have the activation shapes of one output / input sample.
     """
 
     name: str  # "blocks.0.conv1.weight"
     layer: str  # the layer's class name
     kind: str  # "dualsn" or "built-in"
     preset: str
-    dim: int
+    dim: int | None
     spec: _spec.Spec
     weight: np.ndarray = field(repr=False)
     u: np.ndarray | None = field(default=None, repr=False)
     v: np.ndarray | None = field(default=None, repr=False)
+    conv: ConvShape | None = None
 
     @property
     def matrix(self) -> np.ndarray:
+        """The matrix sigma estimates the largest singular value of: the W-matrix, or the
+        explicit convolution matrix (output size x input size: may be large)."""
+        if self.conv is not None:
+            return self.conv.matrix(self.weight)
         return _spec.to_matrix(self.weight, self.dim)
+
+    @property
+    def operator(self):
+        """That matrix as a map with ``mv``/``mhv`` on flat vectors (a convolution stays
+        matrix-free)."""
+        return _Conv(self.conv, self.weight) if self.conv is not None else _Dense(self.matrix)
 
     def sigma(self) -> float:
         """The estimate the layer divides by (real part), from the stored u, v."""
         if self.u is None:
             return float(max(np.linalg.norm(self.weight), self.spec.eps))
-        return float(np.real(_spec.sigma(self.matrix, self.u, self.v)))
+        return float(np.real(np.vdot(self.u.ravel(), self.operator.mv(self.v.ravel()))))
 
     def sigma_exact(self) -> float:
-        """The largest singular value of the W-matrix (for a 1-D weight: its norm)."""
-        if self.weight.ndim == 1:
-            return float(np.linalg.norm(self.weight))
-        return float(np.linalg.svd(self.matrix, compute_uv=False)[0])
+        """The largest singular value of the matrix (for a 1-D weight: its norm). For a
+        convolution whose matrix has more than :data:`CONV_SVD_LIMIT` entries: a Lanczos
+        estimate (see :attr:`exact_method`)."""
+        return self._reference[0]
+
+    @property
+    def exact_method(self) -> str:
+        """How :meth:`sigma_exact` was obtained: ``"svd"`` (exact; a 1-D weight's norm too)
+        or ``"lanczos"`` (a large convolution: :func:`_lanczos_reference`, a lower bound)."""
+        return self._reference[1]
+
+    @functools.cached_property
+    def _reference(self) -> tuple[float, str]:
+        if self.weight.ndim == 1 and self.conv is None:
+            return float(np.linalg.norm(self.weight)), "svd"
+        if self.conv is None or np.prod(self.conv.size, dtype=np.float64) <= CONV_SVD_LIMIT:
+            return float(np.linalg.svd(self.matrix, compute_uv=False)[0]), "svd"
+        return _lanczos_reference(self), "lanczos"
+
+
+def _lanczos_reference(layer: LayerSN) -> float:
+    """The largest singular value of a large convolution M, matrix-free: the square root of
+    the largest eigenvalue of M^H M by the Lanczos iteration (three-term recurrence, no
+    reorthogonalization: for the largest eigenvalue that only adds copies of converged Ritz
+    values), started from the stored v. Stops when the Ritz residual bound |beta_k s_k|, the
+    distance from the largest Ritz value to an eigenvalue, is below :data:`CONV_LANCZOS_RTOL`
+    times that value, or after :data:`CONV_LANCZOS_STEPS` steps."""
+    op = layer.operator
+    q = layer.v.ravel()
+    if not np.linalg.norm(q) > 0:  # a zero v (from a zero W): any start will do
+        q = _spec.init_uv(1, q.size, 0, q.dtype)[1]
+    q = q / np.linalg.norm(q)
+    q_prev = np.zeros_like(q)
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta = 0.0
+    top = 0.0
+    for _ in range(CONV_LANCZOS_STEPS):
+        w = op.mhv(op.mv(q))
+        alpha = float(np.real(np.vdot(q, w)))
+        w = w - alpha * q - beta * q_prev
+        beta = float(np.linalg.norm(w))
+        alphas.append(alpha)
+        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        ritz, vectors = np.linalg.eigh(t)
+        top = float(ritz[-1])
+        if beta * abs(vectors[-1, -1]) <= CONV_LANCZOS_RTOL * top or beta <= 1e-300:
+            break  # converged, or the Krylov space is exhausted (an invariant subspace)
+        betas.append(beta)
+        q_prev, q = q, w / beta
+    return float(np.sqrt(max(top, 0.0)))
 
 
 @dataclass(frozen=True)
 class ReportRow:
     """One line of the report. ``rel_error`` = (sigma - sigma_exact) / sigma_exact: negative
     when the estimate is low, so that the normalized weight's norm,
-    ``normalized_norm = sigma_exact / sigma``, exceeds 1."""
+    ``normalized_norm = sigma_exact / sigma``, exceeds 1 (with ``coeff``: exceeds coeff).
+
+    ``dim`` is None for a convolution normalized by its operator norm (shown as "conv");
+    ``shape`` is the weight's shape; ``exact_method`` is ``"svd"`` or ``"lanczos"`` (see
+    :attr:`LayerSN.exact_method`); ``coeff`` the layer's soft bound, or None.
+    """
 
     name: str
     layer: str
     shape: tuple[int, ...]
-    dim: int
+    dim: int | None
     preset: str
     sigma: float
     sigma_exact: float
+    exact_method: str = "svd"
+    coeff: float | None = None
+
+    @property
+    def divisor(self) -> float:
+        """What the layer divides W by: |sigma|, or with ``coeff`` max(1, sigma / coeff)."""
+        if self.coeff is None:
+            return abs(self.sigma)
+        return abs(self.sigma) / self.coeff if self.sigma > self.coeff else 1.0
 
     @property
     def rel_error(self) -> float:
@@ -97,11 +334,12 @@ class ReportRow:
 
     @property
     def normalized_norm(self) -> float:
-        """Largest singular value of the normalized W-matrix, W / sigma."""
-        return self.sigma_exact / abs(self.sigma) if self.sigma else math.inf
+        """Largest singular value of the normalized matrix, W / sigma (W / max(1, sigma /
+        coeff) with ``coeff``)."""
+        return self.sigma_exact / self.divisor if self.divisor else math.inf
 
 
-_HEADERS = ("layer", "type", "shape", "dim", "preset", "sigma", "exact (SVD)", "rel. error", "||W/sigma||")
+_HEADERS = ("layer", "type", "shape", "dim", "preset", "sigma", "exact (SVD)", "rel. error", "||W_sn||")
 
 
 @dataclass
@@ -116,7 +354,8 @@ class SNReport:
 
     @property
     def sigma_product(self) -> float:
-        """Product of the estimates: the factor spectral norm divides out of a chain."""
+        """Product of the estimates (without ``coeff``: the factor spectral norm divides out of
+        a chain)."""
         return float(np.prod([r.sigma for r in self.rows]))
 
     @property
@@ -126,15 +365,18 @@ class SNReport:
 
     @property
     def lipschitz_bound(self) -> float:
-        """Product of ||W / sigma||: the chain bound for the spectrally normalized network
-        (1.0 when every estimate is exact)."""
+        """Product of the normalized norms ||W_sn|| (:attr:`ReportRow.normalized_norm`): the
+        chain bound for the spectrally normalized network (1.0 when every estimate is exact
+        and no layer has ``coeff``)."""
         return float(np.prod([r.normalized_norm for r in self.rows]))
 
     def _cells(self) -> list[tuple[str, ...]]:
         return [
             (
-                r.name, r.layer, "x".join(str(s) for s in r.shape) or "scalar", str(r.dim), r.preset,
-                f"{r.sigma:.6g}", f"{r.sigma_exact:.6g}", f"{r.rel_error:+.2e}", f"{r.normalized_norm:.6f}",
+                r.name, r.layer, "x".join(str(s) for s in r.shape) or "scalar",
+                "conv" if r.dim is None else str(r.dim), r.preset, f"{r.sigma:.6g}",
+                ("~" if r.exact_method == "lanczos" else "") + f"{r.sigma_exact:.6g}",
+                f"{r.rel_error:+.2e}", f"{r.normalized_norm:.6f}",
             )
             for r in self.rows
         ]
@@ -148,10 +390,11 @@ class SNReport:
             f"product of sigma (estimates):    {self.sigma_product:.6g}",
             f"product of exact sigma:          {self.exact_product:.6g}  "
             "(Lipschitz upper bound without spectral norm)",
-            f"product of ||W/sigma||:          {self.lipschitz_bound:.6g}  "
-            "(Lipschitz upper bound of the normalized network)",
+            f"product of ||W_sn||:             {self.lipschitz_bound:.6g}  "
+            "(Lipschitz upper bound of the normalized network; W_sn = W / max(1, sigma / coeff) "
+            "where coeff is set)",
             "note: " + NOTE,
-        ]
+        ] + (["note: " + LANCZOS_NOTE] if any(r.exact_method == "lanczos" for r in self.rows) else [])
 
     def __str__(self) -> str:
         rows = [_HEADERS] + self._cells()
@@ -251,11 +494,13 @@ def _torch_layers(model) -> list[LayerSN]:
                             x = p(*[getattr(plist, f"original{i}") for i in range(plist.ntensors)])
                             continue
                         if isinstance(p, dsn.SpectralNorm):
+                            geometry = getattr(p, "geometry", None)  # SpectralNormConv
                             found.append(LayerSN(
                                 _join(prefix, pname), kind, "dualsn", preset_name(p.spec), p.dim, p.spec,
                                 _torch_numpy(x),
                                 None if p._u is None else _torch_numpy(p._u),
                                 None if p._v is None else _torch_numpy(p._v),
+                                None if geometry is None else _conv_shape(geometry),
                             ))
                         elif isinstance(p, parametrizations._SpectralNorm):
                             s = _spec.make_spec("torch", p.n_power_iterations, p.eps)
@@ -291,10 +536,12 @@ def _paddle_layers(model) -> list[LayerSN]:
         for hook in layer._forward_pre_hooks.values():
             if isinstance(hook, dsn.SpectralNormHook):
                 weight, u, v = hook.state(layer)
+                geometry = getattr(hook, "geometry", None)  # SpectralNormConvHook
                 found.append(LayerSN(
                     _join(prefix, hook.name), kind, "dualsn", preset_name(hook.spec), hook.dim, hook.spec,
                     _paddle_numpy(weight),
                     None if u is None else _paddle_numpy(u), None if v is None else _paddle_numpy(v),
+                    None if geometry is None else _conv_shape(geometry),
                 ))
             elif type(hook).__name__ == "SpectralNorm" and hasattr(hook, "n_power_iterations"):
                 # paddle.nn.utils.spectral_norm's hook: the torch legacy algorithm ("paddle" preset)
@@ -327,18 +574,22 @@ def collect(model) -> list[LayerSN]:
 def report(model) -> SNReport:
     """The per-layer sigma report of ``model`` (a ``torch.nn.Module`` or ``paddle.nn.Layer``).
 
-    Each row: the parameter's qualified name, layer type, weight shape, ``dim``, preset, the
-    sigma estimate (u^H W v with the stored u, v; what the layer divides by), the exact
-    largest singular value of the W-matrix (SVD) and their relative error. The products of
-    sigma over the rows give Lipschitz upper bounds that hold for a plain chain of layers
-    only; for convolutions the reshaped-kernel sigma is not the convolution's operator norm,
-    so there the "bound" is a heuristic. The model is not changed.
+    Each row: the parameter's qualified name, layer type, weight shape, ``dim`` ("conv" for
+    ``spectral_norm_conv``), preset (with ``coeff`` and the other features), the sigma
+    estimate (u^H M v with the stored u, v), the exact largest singular value of M (the
+    W-matrix, or the convolution matrix; SVD, or "~" a Lanczos estimate for a large
+    convolution), their relative error and the normalized norm sigma_exact / divisor (the
+    divisor: sigma, or max(1, sigma / coeff)). The products over the rows give Lipschitz
+    upper bounds that hold for a plain chain of layers only; for convolutions under
+    ``spectral_norm`` the reshaped-kernel sigma is not the convolution's operator norm, so
+    there the "bound" is a heuristic. The model is not changed.
     """
     layers = collect(model)
     rows = [
         ReportRow(
-            l.name, l.layer, tuple(l.weight.shape), _spec.canonical_dim(l.dim, l.weight.ndim), l.preset,
-            l.sigma(), l.sigma_exact(),
+            l.name, l.layer, tuple(l.weight.shape),
+            None if l.conv is not None else _spec.canonical_dim(l.dim, l.weight.ndim), l.preset,
+            l.sigma(), l.sigma_exact(), l.exact_method, l.spec.coeff,
         )
         for l in layers
     ]
@@ -355,13 +606,13 @@ def convergence(layer: LayerSN, iterations: int, u0=None, v0=None) -> np.ndarray
     A 1-D weight normalized exactly has no iteration: its value is constant."""
     if layer.u is None:
         return np.full(iterations + 1, layer.sigma())
-    w_mat = layer.matrix
-    u = layer.u if u0 is None else u0
-    v = layer.v if v0 is None else v0
-    out = [np.real(_spec.sigma(w_mat, u, v))]
+    op = layer.operator
+    u = (layer.u if u0 is None else u0).ravel()
+    v = (layer.v if v0 is None else v0).ravel()
+    out = [np.real(np.vdot(u, op.mv(v)))]
     for _ in range(iterations):
-        u, v = _spec.power_iteration(w_mat, u, v, 1, layer.spec.order, layer.spec.eps)
-        out.append(np.real(_spec.sigma(w_mat, u, v)))
+        u, v = _power_step(op, u, v, layer.spec.order, layer.spec.eps)
+        out.append(np.real(np.vdot(u, op.mv(v))))
     return np.asarray(out, dtype=np.float64)
 
 
@@ -403,7 +654,7 @@ def plot(layers: list[LayerSN], path, iterations: int = 30, seed: int = 0) -> No
         ax.semilogy(steps, gap(stored, exact), color="C0", linewidth=2,
                     label="from the stored u, v (k = 0: the layer's sigma)")
         if layer.u is not None:
-            h, w = layer.matrix.shape
+            h, w = layer.u.size, layer.v.size
             u0, v0 = _spec.init_uv(h, w, seed, layer.u.dtype, layer.spec.eps)
             fresh = convergence(layer, iterations, u0, v0)
             ax.semilogy(steps, gap(fresh, exact), color="C1", marker=".", markersize=3,

@@ -201,6 +201,171 @@ def test_plot_writes_a_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# dualsn.report with spectral_norm_conv (the convolution operator norm) and coeff
+
+
+def torch_conv_matrix(weight: torch.Tensor, input_shape, **conv_args) -> np.ndarray:
+    """The explicit matrix of one sample's convolution, by torch's own convolution of every
+    unit input (float64): column j = conv(e_j)."""
+    n = int(np.prod(input_shape))
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *input_shape)
+    conv = getattr(torch.nn.functional, f"conv{len(input_shape) - 1}d")
+    return conv(basis, weight.detach().double(), **conv_args).reshape(n, -1).T.numpy()
+
+
+def paddle_conv_matrix(weight, input_shape, **conv_args) -> np.ndarray:
+    n = int(np.prod(input_shape))
+    basis = paddle.eye(n, dtype="float64").reshape([n, *input_shape])
+    conv = getattr(paddle.nn.functional, f"conv{len(input_shape) - 1}d")
+    return conv(basis, weight.astype("float64"), **conv_args).reshape([n, -1]).numpy().T
+
+
+def lipschitz_torch_model():
+    """A strided convolution under spectral_norm_conv, a Linear whose coeff bound is active
+    and one whose bound is not."""
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.conv = dualsn.torch.spectral_norm_conv(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 7, 7), seed=1)
+    m.fc = dualsn.torch.spectral_norm(torch.nn.Linear(6, 5), coeff=0.5, seed=2)
+    m.fc2 = dualsn.torch.spectral_norm(torch.nn.Linear(5, 4), coeff=10.0, seed=3, compat="paddle")
+    for _ in range(3):  # training-mode reads run the power iteration: u, v move off their draw
+        m.conv.weight
+    return m
+
+
+def lipschitz_paddle_model():
+    m = paddle.nn.Layer()
+    m.conv = dualsn.paddle.spectral_norm_conv(paddle.nn.Conv2D(2, 3, 3, stride=2, padding=1), (2, 7, 7), seed=5)
+    m.fc = dualsn.paddle.spectral_norm(paddle.nn.Linear(6, 5), coeff=0.5, seed=6)
+    m.fc2 = dualsn.paddle.spectral_norm(paddle.nn.Linear(5, 4), coeff=10.0, seed=7, compat="paddle")
+    return m
+
+
+def check_lipschitz_rows(r, conv_matrix, conv_u, conv_v, fc_matrix, fc2_matrix, sigma_of):
+    rows = {row.name: row for row in r.rows}
+    assert list(rows) == ["conv.weight", "fc.weight", "fc2.weight"]
+    conv = rows["conv.weight"]
+    assert conv.dim is None and conv.shape == (3, 2, 3, 3) and conv.exact_method == "svd"
+    assert conv.sigma == pytest.approx(conv_u.ravel() @ conv_matrix @ conv_v.ravel(), rel=1e-12)
+    assert conv.sigma == pytest.approx(sigma_of("conv"), rel=1e-6)
+    assert conv.sigma_exact == pytest.approx(top_sv(conv_matrix), rel=1e-12)
+    for name, mat, coeff in (("fc.weight", fc_matrix, 0.5), ("fc2.weight", fc2_matrix, 10.0)):
+        row = rows[name]
+        assert row.coeff == coeff and f"coeff={coeff}" in row.preset
+        assert row.sigma == pytest.approx(sigma_of(name.split(".")[0]), rel=1e-6)
+        assert row.sigma_exact == pytest.approx(top_sv(mat), rel=1e-12)
+        # ||W_sn|| = sigma_exact / max(1, sigma / coeff)
+        assert row.normalized_norm == pytest.approx(top_sv(mat) / max(1.0, row.sigma / coeff), rel=1e-12)
+    assert rows["fc.weight"].sigma > 0.5 and rows["fc2.weight"].sigma < 10.0  # one bound active, one not
+    assert rows["fc2.weight"].normalized_norm == pytest.approx(top_sv(fc2_matrix), rel=1e-12)
+    assert conv.normalized_norm == pytest.approx(top_sv(conv_matrix) / abs(conv.sigma), rel=1e-12)
+    assert r.lipschitz_bound == pytest.approx(np.prod([row.normalized_norm for row in r.rows]), rel=1e-12)
+    assert r.exact_product == pytest.approx(
+        top_sv(conv_matrix) * top_sv(fc_matrix) * top_sv(fc2_matrix), rel=1e-12)
+    text = str(r)
+    assert re.search(r"^conv\.weight\s+Conv2[dD]\s+3x2x3x3\s+conv\s", text, re.M)
+    assert "coeff=0.5" in text and "W_sn = W / max(1, sigma / coeff)" in text and "~" not in text
+    assert "| conv |" in r.to_markdown()
+
+
+def test_report_conv_operator_norm_and_coeff_torch():
+    m = lipschitz_torch_model()
+    sn = m.conv.parametrizations.weight[0]
+    conv_matrix = torch_conv_matrix(m.conv.parametrizations.weight.original, (2, 7, 7), stride=2, padding=1)
+    assert conv_matrix.shape == (3 * 4 * 4, 2 * 7 * 7)
+    check_lipschitz_rows(
+        report.report(m), conv_matrix, sn._u.double().numpy(), sn._v.double().numpy(),
+        m.fc.parametrizations.weight.original.detach().double().numpy(),
+        m.fc2.parametrizations.weight.original.detach().double().numpy(),
+        lambda name: dualsn.torch.sigma(getattr(m, name)),
+    )
+    # the operator norm, not the reshaped kernel's largest singular value
+    kernel = m.conv.parametrizations.weight.original.detach().double().numpy().reshape(3, -1)
+    assert report.report(m).rows[0].sigma_exact != pytest.approx(top_sv(kernel), rel=1e-3)
+    assert dualsn.torch.report(m).rows == report.report(m).rows  # the backend's wrapper
+
+
+def test_report_conv_operator_norm_and_coeff_paddle():
+    m = lipschitz_paddle_model()
+    conv_matrix = paddle_conv_matrix(m.conv.weight_orig, (2, 7, 7), stride=2, padding=1)
+    check_lipschitz_rows(
+        report.report(m), conv_matrix, m.conv.weight_u.numpy().astype(np.float64),
+        m.conv.weight_v.numpy().astype(np.float64),
+        m.fc.weight_orig.numpy().astype(np.float64).T,  # paddle Linear: [in, out]
+        m.fc2.weight_orig.numpy().astype(np.float64).T,
+        lambda name: dualsn.paddle.sigma(getattr(m, name)),
+    )
+    assert dualsn.paddle.report(m).rows == report.report(m).rows  # the backend's wrapper
+    # ported from torch: the same rows
+    t = lipschitz_torch_model()
+    port.torch_to_paddle(t, m)
+    rt, rp = report.report(t), report.report(m)
+    for a, b in zip(rt.rows, rp.rows):
+        assert (a.name, a.coeff) == (b.name, b.coeff)  # Paddle's Linear: [in, out], dim 1
+        assert b.sigma == pytest.approx(a.sigma, rel=1e-6)
+        assert b.sigma_exact == pytest.approx(a.sigma_exact, rel=1e-12)
+    assert rp.lipschitz_bound == pytest.approx(rt.lipschitz_bound, rel=1e-5)
+
+
+def test_report_large_convolution_uses_lanczos(monkeypatch):
+    m = lipschitz_torch_model()
+    exact = report.report(m).rows[0].sigma_exact
+    monkeypatch.setattr(report, "CONV_SVD_LIMIT", 100)  # every convolution counts as large
+    r = report.report(m)
+    conv = r.rows[0]
+    assert conv.exact_method == "lanczos" and [row.exact_method for row in r.rows[1:]] == ["svd", "svd"]
+    assert conv.sigma_exact == pytest.approx(exact, rel=1e-9)
+    assert conv.sigma_exact <= exact * (1 + 1e-12)  # a Ritz value never overshoots
+    assert f"~{conv.sigma_exact:.6g}" in str(r) and report.LANCZOS_NOTE in str(r)
+
+
+@pytest.mark.parametrize("case", ["conv1d", "conv2d_same", "conv3d"])
+def test_conv_shape_is_the_frameworks_convolution(case):
+    torch.manual_seed(0)
+    layer, input_shape, args = {
+        "conv1d": (torch.nn.Conv1d(4, 6, 3, stride=3, padding=2, dilation=2, groups=2), (4, 11),
+                   dict(stride=3, padding=2, dilation=2, groups=2)),
+        "conv2d_same": (torch.nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(2, 1)), (2, 5, 4),
+                        dict(padding="same", dilation=(2, 1))),
+        "conv3d": (torch.nn.Conv3d(1, 2, 2, stride=2, padding=1), (1, 3, 4, 3), dict(stride=2, padding=1)),
+    }[case]
+    dualsn.torch.spectral_norm_conv(layer, input_shape, seed=0)
+    (sn,) = report.collect(layer)
+    expected = torch_conv_matrix(layer.parametrizations.weight.original, input_shape, **args)
+    np.testing.assert_allclose(sn.matrix, expected, rtol=0, atol=1e-12)
+    y = np.random.default_rng(0).standard_normal((2, *sn.conv.output_shape))
+    adjoint = sn.conv.mhv(sn.weight, y).reshape(2, -1)  # M^T y, matrix-free
+    np.testing.assert_allclose(adjoint, y.reshape(2, -1) @ expected, rtol=0, atol=1e-12)
+    assert report.report(layer).rows[0].sigma == pytest.approx(dualsn.torch.sigma(layer), rel=1e-6)
+
+
+def test_conv_shape_of_paddle_same_padding():
+    # Paddle's SAME padding with a stride pads (before, after) unevenly, as Paddle resolves it.
+    paddle.seed(0)
+    layer = dualsn.paddle.spectral_norm_conv(paddle.nn.Conv2D(2, 3, 4, stride=2, padding="SAME"), (2, 7, 6), seed=0)
+    (sn,) = report.collect(layer)
+    expected = paddle_conv_matrix(layer.weight_orig, (2, 7, 6), stride=2, padding="SAME")
+    np.testing.assert_allclose(sn.matrix, expected, rtol=0, atol=1e-12)
+    assert report.report(layer).rows[0].sigma == pytest.approx(dualsn.paddle.sigma(layer), rel=1e-6)
+
+
+def test_plot_of_a_convolution_norm(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "lipschitz.png"
+    report.report(lipschitz_torch_model()).plot(path, iterations=3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convergence_of_a_convolution_reaches_its_operator_norm():
+    m = lipschitz_torch_model()
+    layer = report.collect(m)[0]
+    curve = report.convergence(layer, 300)
+    assert curve[0] == pytest.approx(layer.sigma(), rel=1e-12)
+    assert curve[-1] == pytest.approx(layer.sigma_exact(), rel=1e-6)
+    assert np.all(curve <= layer.sigma_exact() * (1 + 1e-12))
+
+
+# ---------------------------------------------------------------------------------------------
 # dualsn report (CLI)
 
 USER_MODELS = """
@@ -248,7 +413,7 @@ def test_cli_report_with_checkpoint(user_models, tmp_path, capsys):
     assert float(rows["0.weight"][6]) == pytest.approx(top_sv(w0), rel=1e-5)
     assert float(rows["2.weight"][6]) == pytest.approx(top_sv(w2), rel=1e-5)
     assert float(rows["0.weight"][5]) == pytest.approx(dualsn.torch.sigma(model[0]), rel=1e-5)
-    bound = re.search(r"product of \|\|W/sigma\|\|:\s+(\S+)", out).group(1)
+    bound = re.search(r"product of \|\|W_sn\|\|:\s+(\S+)", out).group(1)
     expected = top_sv(w0) / dualsn.torch.sigma(model[0]) * top_sv(w2) / dualsn.torch.sigma(model[2])
     assert float(bound) == pytest.approx(expected, rel=1e-5)
 
