@@ -416,9 +416,10 @@ def power_step(w_mat: np.ndarray, us: list, vs: list, order: str, eps: float):
     """One power iteration on every (u_i, v_i) pair, in ``order``.
 
     Pair i is orthogonalized against pairs 0..i-1 (Gram-Schmidt, as BigGAN estimates several
-    singular values), so pair 0 is the plain iteration. Returns the new lists and the norm of
-    pair 0's last vector before normalization (||W^H u|| for "uv", ||W v|| for "vu"), which
-    equals u^H W v after the step: the sigma estimate the tolerance stop compares.
+    singular values), so pair 0 is the plain iteration. Returns the new lists and r, the norm
+    of pair 0's last vector before normalization (||W^H u|| for "uv", ||W v|| for "vu"): the
+    sigma estimate the tolerance stop compares. After the step u^H W v = r^2 / max(r, eps),
+    which is r whenever r >= eps.
     """
     w_h = w_mat.conj().T
     new_us: list = []
