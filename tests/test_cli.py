@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:When training, we now always tra
 
 from dualsn import cli, port  # noqa: E402
 from dualsn.examples import sngan  # noqa: E402
+from _numeric import rel  # noqa: E402
 
 SNGAN = "dualsn.examples.sngan"
 USER_MODELS = """
@@ -38,14 +39,6 @@ def broken():
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def user_models(tmp_path, monkeypatch):
     """A user's own module of factories, importable as ``user_models``."""
@@ -53,10 +46,6 @@ def user_models(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "user_models", raising=False)
     return "user_models"
-
-
-def rel(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
 def eval_out(model, *inputs):

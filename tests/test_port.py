@@ -23,24 +23,10 @@ import dualsn.paddle as dpaddle  # noqa: E402
 import dualsn.torch as dtorch  # noqa: E402
 from dualsn import port  # noqa: E402
 from dualsn.examples import sngan  # noqa: E402
+from _numeric import rel  # noqa: E402
 
 F32_OUT = 1e-5  # a fresh port, float32: outputs agree to this relative difference
 F32_TRAINED = 1e-4  # after 20 lockstep SGD steps
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Small models: threads only cost time, and other test processes share the 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rel(a, b) -> float:
-    """max|a - b| / max|b|: the relative difference of a to the reference b."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def numpy_state(model) -> dict[str, np.ndarray]:

@@ -17,22 +17,10 @@ paddle = pytest.importorskip("paddle")
 import dualsn.paddle as dpaddle  # noqa: E402
 import dualsn.torch as dtorch  # noqa: E402
 from dualsn import port  # noqa: E402
+from _numeric import rel  # noqa: E402
 
 F32 = 1e-5  # float32: relative agreement of the two frameworks' numbers
 INPUT = (2, 6, 6)  # one sample of the first convolution
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def numpy_state(model) -> dict[str, np.ndarray]:
