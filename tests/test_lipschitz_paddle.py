@@ -13,6 +13,7 @@ paddle = pytest.importorskip("paddle")
 import dualsn  # noqa: E402
 import dualsn.paddle as dsn  # noqa: E402
 from dualsn import spec  # noqa: E402
+from _numeric import random_array  # noqa: E402
 
 F64 = "float64"
 
@@ -26,13 +27,6 @@ def _clean_seed_stream():
 
 def npy(t) -> np.ndarray:
     return np.array(t.numpy(), copy=True)
-
-
-def random_array(shape, dtype, rng):
-    x = rng.standard_normal(shape)
-    if np.dtype(dtype).kind == "c":
-        x = x + 1j * rng.standard_normal(shape)
-    return x.astype(dtype)
 
 
 def with_singular_values(h, w, values, rng) -> np.ndarray:

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrizations as builtin_param  # noqa: E402
 import dualsn  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
 from dualsn import spec  # noqa: E402
+from _numeric import random_array  # noqa: E402
 
 PRESETS = tuple(spec.PRESETS)
 
@@ -37,14 +38,6 @@ class Holder(nn.Module):
     def __init__(self, weight):
         super().__init__()
         self.weight = nn.Parameter(torch.as_tensor(weight).clone())
-
-
-def random_array(shape, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(shape)
-    if np.dtype(dtype).kind == "c":
-        w = w + 1j * rng.standard_normal(shape)
-    return w.astype(dtype)
 
 
 def with_singular_values(shape, dim, values, dtype=np.float64, seed=0):

@@ -13,6 +13,7 @@ paddle = pytest.importorskip("paddle")
 import dualsn  # noqa: E402
 import dualsn.paddle as dsn  # noqa: E402
 from dualsn import spec  # noqa: E402
+from _numeric import random_array  # noqa: E402
 
 
 
@@ -697,13 +698,6 @@ LAYOUTS = [
 def real_part(t):
     """Re(t); paddle.real has no kernel for real tensors."""
     return paddle.real(t) if paddle.is_complex(t) else t
-
-
-def random_array(shape, dtype, rng):
-    x = rng.standard_normal(shape)
-    if np.dtype(dtype).kind == "c":
-        x = x + 1j * rng.standard_normal(shape)
-    return x.astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", [F64, "complex128"])

@@ -4,14 +4,7 @@ import numpy as np
 import pytest
 
 from dualsn import spec
-
-
-def random_weight(shape, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(shape)
-    if np.dtype(dtype).kind == "c":
-        w = w + 1j * rng.standard_normal(shape)
-    return w.astype(dtype)
+from _numeric import random_array as random_weight
 
 
 def top_singular_value(weight, dim):
