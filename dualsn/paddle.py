@@ -10,8 +10,9 @@ a ``seed`` gives u, v that are bit-identical to ``dualsn.torch``'s.
 
 It is also several times faster on CPU (see the comment below the imports): W is never
 copied or transposed, sigma is read off the power iteration, the gradient's rank-1 term is
-added in place by a tensor hook, a training forward writes into a reused buffer, and an eval
-forward reuses the normalized weight while W, u and v are unchanged. Results differ from
+added in place by a tensor hook (into the gradient tensor that this normalization's own
+backward has just made), and an eval forward reuses the normalized weight while W, u and v
+are unchanged. :func:`plain_path` switches all of that off, for the differential tests. Results differ from
 the built-in's only in the last bits (sigma and W / sigma are rounded differently).
 
 Lipschitz toolkit (opt-in, the same as in ``dualsn.torch``; the default path is unchanged):
@@ -31,7 +32,6 @@ import contextlib
 import functools
 import importlib
 import math
-import weakref
 
 import numpy as np
 import paddle
@@ -51,6 +51,7 @@ __all__ = [
     "is_spectral_norm",
     "get_spectral_norm",
     "invalidate_cache",
+    "plain_path",
 ]
 
 
@@ -61,9 +62,9 @@ __all__ = [
 # product 0.6-0.8 ms), paddle.mv materializes a transposed W^T, and a broadcasting divide by
 # a 0-D tensor is slow even into a preallocated output. So the W-matrix is only ever a view
 # of the stored weight, products use matmul's transpose flag, sigma comes from the last
-# product of the power iteration, W / sigma is a copy + scale_ into a reused buffer when one
-# is free, and the gradient's rank-1 term is one in-place addmm_: a training step allocates
-# one W-sized tensor (for the gradient) besides the plain layer's own, an eval forward with
+# product of the power iteration, W / sigma is one scale, and the gradient's rank-1 term is
+# one in-place addmm_: a training step allocates two W-sized tensors (W / sigma, and the
+# gradient) besides the plain layer's own, an eval forward with
 # an unchanged weight none.
 
 
@@ -454,16 +455,11 @@ class _GradHook:
     """Base of the gradient hooks. ``first_order`` runs under no_grad and may write into the
     incoming gradient; under ``create_graph=True`` (the incoming gradient then has a graph
     of its own) ``differentiable`` builds a result that can be differentiated again,
-    including through sigma's dependence on W. The hook's life (a weakref) and ``ran`` tell
-    the buffer pool when the forward's graph is done."""
+    including through sigma's dependence on W."""
 
-    __slots__ = ("ran", "__weakref__")
-
-    def __init__(self) -> None:
-        self.ran = False
+    __slots__ = ()
 
     def __call__(self, grad):
-        self.ran = True
         with _amp_off():  # backward() may run inside auto_cast
             if not grad.is_leaf:
                 # create_graph=True: the result must be differentiable again, in W as well.
@@ -541,86 +537,55 @@ class _VectorGradHook(_GradHook):
         return grad * (n0 / n) - (n0 * k / (n * n * n)) * self.weight
 
 
-def _scaled(x, sigma, buffer=None):
-    """x / sigma for a constant Python number ``sigma``: a new tensor, or written into ``buffer`` (a
-    reused tensor of x's shape) through a new tensor object sharing its memory. Autograd
-    records it when x needs a gradient.
+def _scaled(x, sigma):
+    """x / sigma for a constant Python number ``sigma``, as a new tensor; autograd records it
+    when x needs a gradient.
 
     Real x is multiplied by 1 / sigma (``paddle.scale`` takes it as a double): Paddle's
-    broadcasting divide by a 0-D tensor is several times slower than copy + ``scale_``, even
-    into a preallocated output. The result differs from x / sigma in the last bit at most.
+    broadcasting divide by a 0-D tensor is several times slower. The result differs from
+    x / sigma in the last bit at most.
     """
     if _is_complex(x) or isinstance(sigma, complex):
         return x / _scalar(sigma, x)
-    inverse = _inverse(sigma)
-    if buffer is None:
-        return paddle.scale(x, inverse)
-    out = buffer.detach()  # its own autograd identity; the pool's tensor stays a plain buffer
-    paddle.assign(x, output=out)
-    out.scale_(inverse)
-    return out
-
-
-class _BufferPool:
-    """W-sized buffers for the training-mode normalized weight, reused once nothing can read
-    them any more: a new W-sized tensor costs Paddle's CPU allocator 10-20 ms (fresh pages)
-    where filling an old one costs 2.
-
-    A buffer is handed out as a new tensor object sharing its memory (``layer.<name>``). It
-    is free again when that object has been collected (the layer points at a newer one and
-    the user kept no reference) and its forward's graph is done: freed, or differentiated
-    once (Paddle then releases the tensors the graph saved). Two forwards before one
-    backward (D(real) - D(fake)) therefore use two buffers. At most ``size`` buffers are
-    kept; when all are busy the forward allocates as usual.
-
-    Writing into a reused buffer bumps the inplace version its old tensor shares, so a graph
-    kept with ``retain_graph=True`` and differentiated again after later training forwards
-    of the layer fails loudly in Paddle's version check rather than computing with wrong
-    values. What reuse cannot see is a *detached* alias (``layer.weight.detach()``) kept
-    across training forwards: it then shows a later normalized weight. Keep a ``clone()``
-    instead, or set ``SpectralNormHook.reuse_buffers = False``.
-    """
-
-    size = 2
-
-    def __init__(self) -> None:
-        self._layout = None  # (shape, dtype, place) of the buffers
-        # [buffer, weakref to the handed-out tensor, weakref to its gradient hook]
-        self._slots: list[list] = []
-
-    def acquire(self, weight):
-        """A free slot for a weight like ``weight`` (allocating one if there is room), or None."""
-        layout = (tuple(weight.shape), weight.dtype, str(weight.place))
-        if layout != self._layout:  # the weight was replaced, cast or moved
-            self._layout, self._slots = layout, []
-        for slot in self._slots:
-            out, hook = (None if ref is None else ref() for ref in slot[1:])
-            if out is None and (hook is None or hook.ran):
-                return slot
-        if len(self._slots) < self.size:
-            slot = [paddle.empty_like(weight), None, None]
-            self._slots.append(slot)
-            return slot
-        return None
+    return paddle.scale(x, _inverse(sigma))
 
 
 def _needs_graph(weight) -> bool:
     return paddle.is_grad_enabled() and not weight.stop_gradient
 
 
-def normalized_weight(
-    weight, u, v, dim: int, spec: _spec.Spec, do_power_iteration: bool, pool: _BufferPool | None = None
-):
+_PLAIN = False
+"""Set by :func:`plain_path`: every forward takes :func:`_plain_normalized_weight`."""
+
+
+@contextlib.contextmanager
+def plain_path(enabled: bool = True):
+    """A context in which every dualsn.paddle spectral norm takes its *plain* path: the power
+    iteration and W / sigma through ordinary Paddle ops, Paddle's autograd deriving the whole
+    gradient (sigma = u^H W v differentiated with u, v held constant), no gradient hooks, no
+    host-side sigma, no eval cache. Same results up to rounding; slower.
+
+    A testing aid: the differential harness (``conformance.differential``) runs every model
+    through both paths and compares them. Nested uses restore the previous setting.
+    """
+    global _PLAIN
+    previous, _PLAIN = _PLAIN, bool(enabled)
+    try:
+        yield
+    finally:
+        _PLAIN = previous
+
+
+def normalized_weight(weight, u, v, dim: int, spec: _spec.Spec, do_power_iteration: bool):
     """W / sigma(W) (W / max(1, sigma / coeff) with ``spec.coeff``), iterating u, v in place
     first when ``do_power_iteration`` (``spec.n_power_iterations`` steps, or until sigma
     settles with ``spec.atol``/``spec.rtol``).
 
     ``u is None`` means an exact 1-D weight: W / max(||W||, eps), no state. When autograd
     needs a graph, the gradient is completed by :class:`_MatrixGradHook` /
-    :class:`_VectorGradHook`. With a ``pool`` the result may be written into one of its
-    buffers (real weights).
+    :class:`_VectorGradHook`.
     """
-    return _normalized_weight(weight, (u, v, None, None), dim, spec, do_power_iteration, pool)[0]
+    return _normalized_weight(weight, (u, v, None, None), dim, spec, do_power_iteration)[0]
 
 
 def _bound_inactive(spec: _spec.Spec, sigma) -> bool:
@@ -628,7 +593,7 @@ def _bound_inactive(spec: _spec.Spec, sigma) -> bool:
     return spec.coeff is not None and not np.real(sigma) > spec.coeff
 
 
-def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool, pool=None):
+def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool):
     """:func:`normalized_weight` with the extra pairs of ``num_svs``: ``vectors`` = (u, v,
     extra_u, extra_v). Returns (normalized weight, sigma as a number, power iterations run);
     sigma is None in a static graph (no host values there)."""
@@ -636,18 +601,11 @@ def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_ite
     if weight.dtype in _LOW_PRECISION:
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
-        wide, sigma, count = _normalized_weight(
-            weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration
-        )
+        wide, sigma, count = _normalized_weight(weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration)
         return wide.astype(weight.dtype), sigma, count
+    if _PLAIN or not paddle.in_dynamic_mode():
+        return _plain_normalized_weight(weight, vectors, dim, spec, do_power_iteration)
     graph = _needs_graph(weight)
-    if not paddle.in_dynamic_mode():
-        if do_power_iteration and (spec.uses_tolerance or vectors[2] is not None):
-            raise NotImplementedError(
-                "atol/rtol and num_svs > 1 need dynamic mode in training (the iteration count "
-                "and the extra pairs are host-side); use them outside paddle.jit.to_static"
-            )
-        return _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration), None, 0
     if u is None:
         with paddle.no_grad():
             norm = _clamped_norm(weight, 0.0).item()  # ||W||
@@ -666,62 +624,123 @@ def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_ite
     if sigma is None:
         sigma = _sigma_value(mat, u, v)
     divisor = spec.divisor(sigma)  # sigma itself without coeff
-    inactive = graph and _bound_inactive(spec, sigma)
-    slot = None if pool is None or _is_complex(weight) or inactive else pool.acquire(weight)
-    buffer = None if slot is None else slot[0]
-    hook = None
     if not graph:
         with paddle.no_grad():
-            out = _scaled(weight, divisor, buffer)
-    elif inactive:
-        out = _scaled(weight, 1.0)  # W itself: the gradient passes unchanged
-    else:
-        private = _private_view(weight)
-        # With coeff the hook's correction is the same (in terms of the gradient it receives,
-        # G / conj(divisor)): see spec.normalized_weight_grad.
-        hook = _MatrixGradHook(mat, u.clone(), v.clone(), sigma)
-        private.register_hook(hook)
-        out = _scaled(private, divisor, buffer)
-    if slot is not None:
-        slot[1] = weakref.ref(out)
-        slot[2] = None if hook is None else weakref.ref(hook)
-    return out, sigma, count
+            return _scaled(weight, divisor), sigma, count
+    if _bound_inactive(spec, sigma):
+        return _scaled(weight, 1.0), sigma, count  # W itself: the gradient passes unchanged
+    private = _private_view(weight)
+    # With coeff the hook's correction is the same (in terms of the gradient it receives,
+    # G / conj(divisor)): see spec.normalized_weight_grad. u, v are clones: a second forward
+    # (D(real), then D(fake)) updates the buffers in place before this backward runs.
+    private.register_hook(_MatrixGradHook(mat, u.clone(), v.clone(), sigma))
+    return _scaled(private, divisor), sigma, count
 
 
-def _unfused_normalized_weight(weight, u, v, dim, spec, do_power_iteration):
-    """The same value through plain tensor ops only (no host reads, no hooks; Paddle's
-    autograd derives the whole gradient): for static graphs (``paddle.jit.to_static``),
-    and as the tests' second opinion on the hooked gradients.
+# ---------------------------------------------------------------------------------------------
+# The plain path: the fast path's twin, ordinary ops only, for static graphs
+# (paddle.jit.to_static) and for the differential harness (plain_path()).
 
-    The W-matrix is the plain transpose + reshape, and u, v never go through a view op: a
-    static graph refuses an in-place write (the assign into u, v) to a tensor that has one.
-    """
-    if u is None:
-        norm = _clamped_norm(weight, spec.eps, twice_differentiable=True)
-        return weight / _unfused_divisor(paddle.cast(norm, weight.dtype), spec.coeff)
-    w_mat = weight
-    if dim != 0:
-        w_mat = w_mat.transpose(list(_spec.permutation(weight.ndim, dim)))
-    w_mat = w_mat.reshape([int(weight.shape[dim]), -1])
-    conj = paddle.conj if _is_complex(weight) else (lambda x: x)
 
-    def mv(x):
-        return paddle.matmul(w_mat, x)
+class _PlainMatrix:
+    """The W-matrix as the plain transpose + reshape of W (a new tensor when dim != 0; in a
+    static graph u, v must not go through view ops, which refuse the in-place assign)."""
 
-    def mhv(x):
-        return conj(paddle.matmul(w_mat, conj(x), transpose_x=True))
+    def __init__(self, weight, dim: int) -> None:
+        w_mat = weight
+        if dim != 0:
+            w_mat = w_mat.transpose(list(_spec.permutation(weight.ndim, dim)))
+        self.w_mat = w_mat.reshape([int(weight.shape[dim]), -1])
+        self.complex = _is_complex(weight)
 
-    if do_power_iteration:
-        with paddle.no_grad():
+    def mv(self, x):
+        return paddle.matmul(self.w_mat, x)
+
+    def mhv(self, y):
+        if self.complex:
+            return paddle.conj(paddle.matmul(self.w_mat, paddle.conj(y), transpose_x=True))
+        return paddle.matmul(self.w_mat, y, transpose_x=True)
+
+
+def _plain_normalize(x, eps: float):
+    """N(x) for a tensor of any shape (conv operators have activation-shaped u, v)."""
+    if x.ndim == 1:
+        return _normalize(x, eps)
+    return x / paddle.cast(_clamped_norm(x, eps), x.dtype)
+
+
+def _plain_step(op, vectors, order: str, eps: float):
+    """One :func:`dualsn.spec.power_step` with ordinary ops, written into the buffers with
+    ``paddle.assign``; returns pair 0's last vector before normalization (a tensor)."""
+    u, v, extra_u, extra_v = vectors
+    pairs = [(u, v)] + ([] if extra_u is None else [(extra_u[i], extra_v[i]) for i in range(int(extra_u.shape[0]))])
+    new_us, new_vs, first_last = [], [], None
+    for ui, vi in pairs:
+        if order == "uv":
+            ui = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps)
+            last = _orthogonalize(op.mhv(ui), new_vs)
+            vi = _plain_normalize(last, eps)
+        else:
+            vi = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps)
+            last = _orthogonalize(op.mv(vi), new_us)
+            ui = _plain_normalize(last, eps)
+        first_last = last if first_last is None else first_last
+        new_us.append(ui)
+        new_vs.append(vi)
+    paddle.assign(new_us[0], u)
+    paddle.assign(new_vs[0], v)
+    if extra_u is not None:
+        paddle.assign(paddle.stack(new_us[1:]), extra_u)
+        paddle.assign(paddle.stack(new_vs[1:]), extra_v)
+    return first_last
+
+
+def _plain_steps(op, vectors, spec: _spec.Spec) -> int:
+    """The power iterations of one training forward on the plain path; returns the count.
+    (The tolerance stop reads each estimate on the host, as the fast path does.)"""
+    with paddle.no_grad():
+        if not spec.uses_tolerance:
             for _ in range(spec.n_power_iterations):
-                if spec.order == "uv":
-                    paddle.assign(_normalize(mv(v), spec.eps), u)
-                    paddle.assign(_normalize(mhv(u), spec.eps), v)
-                else:
-                    paddle.assign(_normalize(mhv(u), spec.eps), v)
-                    paddle.assign(_normalize(mv(v), spec.eps), u)
-    sigma = _vdot(u.clone(), mv(v.clone()), twice_differentiable=True)
-    return weight / _unfused_divisor(sigma, spec.coeff)
+                _plain_step(op, vectors, spec.order, spec.eps)
+            return spec.n_power_iterations
+        previous, count = None, 0
+        while count < spec.max_iterations:
+            norm = float(_clamped_norm(_plain_step(op, vectors, spec.order, spec.eps), 0.0))
+            count += 1
+            if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
+                break
+            previous = norm
+        return count
+
+
+def _plain_divide(weight, op, u, v, spec: _spec.Spec):
+    """(W / divisor(sigma), sigma) with sigma = u^H M v recorded by autograd, u and v held
+    constant (clones: a later forward updates the buffers in place)."""
+    sigma = _vdot(_flat(u.clone()), _flat(op.mv(v.clone())), twice_differentiable=True)
+    return weight / _unfused_divisor(sigma, spec.coeff), sigma
+
+
+def _host_sigma(sigma):
+    """sigma as a Python number in dynamic mode, None in a static graph (no host values)."""
+    return sigma.item() if paddle.in_dynamic_mode() else None
+
+
+def _plain_normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool):
+    """:func:`_normalized_weight` through ordinary ops only: Paddle's autograd derives the
+    whole gradient. Returns (normalized weight, sigma as a number or None, iterations)."""
+    u, v, extra_u, _ = vectors
+    if u is None:
+        norm = paddle.cast(_clamped_norm(weight, spec.eps, twice_differentiable=True), weight.dtype)
+        return weight / _unfused_divisor(norm, spec.coeff), _host_sigma(norm), 0
+    if do_power_iteration and not paddle.in_dynamic_mode() and (spec.uses_tolerance or extra_u is not None):
+        raise NotImplementedError(
+            "atol/rtol and num_svs > 1 need dynamic mode in training (the iteration count "
+            "and the extra pairs are host-side); use them outside paddle.jit.to_static"
+        )
+    op = _PlainMatrix(weight, dim)
+    count = _plain_steps(op, vectors, spec) if do_power_iteration else 0
+    out, sigma = _plain_divide(weight, op, u, v, spec)
+    return out, _host_sigma(sigma), count
 
 
 def _unfused_divisor(sigma, coeff: float | None):
@@ -910,8 +929,6 @@ class SpectralNormHook:
     An eval-mode forward that needs no graph (under ``paddle.no_grad()``, or with a weight
     that does not require grad) reuses the previous such forward's normalized weight while W,
     u and v are unchanged (see :class:`_EvalCache`); every other forward computes afresh.
-    A training-mode forward writes into a buffer of a small pool when one is free (see
-    :class:`_BufferPool`); ``reuse_buffers = False`` makes it allocate every time.
 
     Opt-in features (``dualsn.spec.Spec``): with ``spec.coeff`` the weight is divided by the
     soft bound max(1, sigma / coeff); with ``spec.atol``/``spec.rtol`` a training forward
@@ -930,10 +947,8 @@ class SpectralNormHook:
         self.exact = exact
         self.track_sigma = bool(track_sigma)
         self.last_iterations = 0
-        self.reuse_buffers = True
         self._cache: _EvalCache | None = None
         self._record: _SigmaRecord | None = None
-        self._pool = _BufferPool()
 
     def state(self, layer):
         """(W_orig, u, v) of ``layer``; u, v are None for an exact 1-D weight."""
@@ -976,12 +991,12 @@ class SpectralNormHook:
         """The linear map whose largest singular value sigma estimates: the W-matrix."""
         return WeightMatrix(_upcast(weight), self.dim)
 
-    def _compute(self, layer, weight, u, v, do_power_iteration: bool, pool=None):
+    def _compute(self, layer, weight, u, v, do_power_iteration: bool):
         """(normalized weight, sigma, power iterations run) for one forward, uncached."""
         if do_power_iteration and self.track_sigma and not paddle.in_dynamic_mode():
             raise NotImplementedError("track_sigma needs dynamic mode in training (outside paddle.jit.to_static)")
         vectors = (u, v) + (self.extras(layer) if do_power_iteration else (None, None))
-        return _normalized_weight(weight, vectors, self.dim, self.spec, do_power_iteration, pool)
+        return _normalized_weight(weight, vectors, self.dim, self.spec, do_power_iteration)
 
     def compute_weight(self, layer, do_power_iteration: bool):
         """The normalized weight, computed afresh (the eval cache is neither used nor
@@ -1000,10 +1015,10 @@ class SpectralNormHook:
                 wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
                 return max(float(np.linalg.norm(wide.numpy().ravel())), self.spec.eps)
             record = self._record
-            if record is not None and paddle.in_dynamic_mode() and record.valid(weight, u, v):
+            if record is not None and not _PLAIN and paddle.in_dynamic_mode() and record.valid(weight, u, v):
                 return record.sigma
             value = _sigma_value(self._operator(weight), u, v)
-        if paddle.in_dynamic_mode():
+        if paddle.in_dynamic_mode() and not _PLAIN:
             self._record = _SigmaRecord(weight, u, v, value)
         return value
 
@@ -1023,7 +1038,7 @@ class SpectralNormHook:
         if sigma is None:  # a static graph: no host values
             return
         if u is not None:
-            self._record = _SigmaRecord.renewed(self._record, weight, u, v, sigma)
+            self._record = None if _PLAIN else _SigmaRecord.renewed(self._record, weight, u, v, sigma)
         if self.track_sigma:
             self._write_sigma(layer, sigma)
 
@@ -1053,15 +1068,15 @@ class SpectralNormHook:
     def _forward_weight(self, layer):
         weight, u, v = self.state(layer)
         cacheable = (
-            not layer.training
+            not _PLAIN
+            and not layer.training
             and u is not None
             and paddle.in_dynamic_mode()
             and not _needs_graph(weight)
         )
         if not cacheable:
             self._cache = None
-            pool = self._pool if (layer.training and self.reuse_buffers) else None
-            value, sigma, count = self._compute(layer, weight, u, v, layer.training, pool)
+            value, sigma, count = self._compute(layer, weight, u, v, layer.training)
             self._publish(layer, weight, u, v, sigma, count)
             return value
         self.last_iterations = 0
@@ -1082,7 +1097,6 @@ class SpectralNormHook:
         # copy.deepcopy and pickling leave the cache behind: it refers to this layer's tensors.
         state = dict(self.__dict__)
         state["_cache"] = state["_record"] = None
-        state["_pool"] = _BufferPool()
         return state
 
     def __repr__(self) -> str:
@@ -1116,19 +1130,21 @@ class SpectralNormConvHook(SpectralNormHook):
     def _operator(self, weight):
         return ConvOperator(_upcast(weight), self.geometry)
 
-    def _compute(self, layer, weight, u, v, do_power_iteration: bool, pool=None):
+    def _compute(self, layer, weight, u, v, do_power_iteration: bool):
         spec = self.spec
         if weight.dtype in _LOW_PRECISION:
             # float32 math (Paddle's CPU convolutions have no half kernels), cast back
             wide, sigma, count = self._compute(layer, weight.astype(paddle.float32), u, v, do_power_iteration)
             return wide.astype(weight.dtype), sigma, count
         op = ConvOperator(weight, self.geometry)
-        if not paddle.in_dynamic_mode():
-            if do_power_iteration:
+        if _PLAIN or not paddle.in_dynamic_mode():
+            if do_power_iteration and not paddle.in_dynamic_mode():
                 raise NotImplementedError(
                     "spectral_norm_conv needs dynamic mode in training (outside paddle.jit.to_static)"
                 )
-            return weight / _unfused_divisor(_sigma(op, u, v, twice_differentiable=True), spec.coeff), None, 0
+            count = _plain_steps(op, (u, v) + self.extras(layer), spec) if do_power_iteration else 0
+            out, sigma = _plain_divide(weight, op, u, v, spec)
+            return out, _host_sigma(sigma), count
         sigma, count = None, 0
         if do_power_iteration:
             sigma, count = _training_steps(op, (u, v) + self.extras(layer), spec)
