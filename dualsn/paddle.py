@@ -1269,18 +1269,31 @@ def _check_track_sigma(track_sigma) -> None:
         raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
 
 
+def _check_is_layer(layer, function: str) -> None:
+    """TypeError naming the right function when ``layer`` is not a Paddle layer (a torch
+    module would otherwise fail deep inside Paddle)."""
+    if isinstance(layer, paddle.nn.Layer):
+        return
+    cls = type(layer)
+    hint = f"; for a torch module use dualsn.torch.{function}" if cls.__module__.startswith("torch") else ""
+    raise TypeError(f"Expected layer to be a paddle.nn.Layer, but got {cls.__module__}.{cls.__qualname__}{hint}")
+
+
 def _target_weight(layer, name):
     """The parameter spectral norm would be put on, after the checks both entry points share
     (nothing is changed)."""
+    _spec.check_name(name)
     if _hooks_on(layer, name):
         raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name!r}")
-    weight = layer._parameters.get(name) if isinstance(name, str) else None
+    weight = layer._parameters.get(name)
     if weight is None:
-        raise ValueError(
+        # KeyError, as paddle.nn.utils.spectral_norm raises (and a ValueError: see spec)
+        raise _spec.ParameterNotFoundError(
             f"Expected name to be the name of a parameter of {type(layer).__name__}, but it has "
             f"no parameter called {name!r} (parameters: {list(layer._parameters)})"
         )
     if not (paddle.is_floating_point(weight) or _is_complex(weight)):
+        # Paddle's built-in accepts an integer weight here and fails at the first forward.
         raise TypeError(
             f"Expected parameter {name!r} to have a floating point or complex dtype, but it is "
             f"{weight.dtype}"
@@ -1413,6 +1426,7 @@ def spectral_norm(
     )
     _spec.check_seed(seed)
     _check_track_sigma(track_sigma)
+    _check_is_layer(layer, "spectral_norm")
     weight = _target_weight(layer, name)
     shape = tuple(weight.shape)
     if dim is None:
@@ -1420,6 +1434,8 @@ def spectral_norm(
         dim = _spec.default_dim(isinstance(layer, _dim_1_classes()), len(shape))
     dim = _spec.canonical_dim(dim, len(shape))
     exact = spec.is_exact_vector(len(shape))
+    if not exact:
+        _spec.check_num_svs(spec.num_svs, *_spec.matrix_shape(shape, dim))
     _check_free(layer, name, _state_names(name, exact, spec, track_sigma))
     seed = _spec.next_seed(seed)  # last: a failed call must not consume the manual_seed stream
 
@@ -1485,6 +1501,7 @@ def spectral_norm_conv(
     )
     _spec.check_seed(seed)
     _check_track_sigma(track_sigma)
+    _check_is_layer(layer, "spectral_norm_conv")
     if not isinstance(layer, _conv_classes()):
         raise TypeError(
             "Expected layer to be a paddle.nn.Conv1D, Conv2D or Conv3D, but got "
@@ -1516,6 +1533,7 @@ def spectral_norm_conv(
             f"then {spatial} spatial size(s); no batch axis), but got input_shape={input_shape!r}"
         )
     geometry = ConvGeometry(layer, tuple(input_shape))
+    _spec.check_num_svs(spec.num_svs, _prod(geometry.output_shape), _prod(geometry.input_shape))
     _check_free(layer, name, _state_names(name, False, spec, track_sigma))
     seed = _spec.next_seed(seed)  # last: a failed call must not consume the manual_seed stream
 
@@ -1530,7 +1548,7 @@ def remove_spectral_norm(layer, name: str = "weight"):
     (W / max(1, sigma / coeff) with ``coeff``; no power iteration is run), and all
     spectral-norm state is removed. Works on :func:`spectral_norm_conv` too.
     """
-    hook = _require(layer, name)
+    hook = _require(layer, name, "remove_spectral_norm")
     with paddle.no_grad():
         value = hook.compute_weight(layer, do_power_iteration=False)
     param = paddle.create_parameter(
@@ -1551,7 +1569,9 @@ def remove_spectral_norm(layer, name: str = "weight"):
     return layer
 
 
-def _require(layer, name: str) -> SpectralNormHook:
+def _require(layer, name: str, function: str) -> SpectralNormHook:
+    _check_is_layer(layer, function)
+    _spec.check_name(name)
     hook = get_spectral_norm(layer, name)
     if hook is None:
         raise ValueError(f"spectral_norm of {name!r} not found in {type(layer).__name__}")
@@ -1571,7 +1591,7 @@ def sigma(layer, name: str = "weight") -> float:
         >>> sigma(layer) > 0
         True
     """
-    return float(np.real(_require(layer, name).sigma(layer)))
+    return float(np.real(_require(layer, name, "sigma").sigma(layer)))
 
 
 def singular_values(layer, name: str = "weight") -> list[float]:
@@ -1585,7 +1605,7 @@ def singular_values(layer, name: str = "weight") -> list[float]:
         >>> len(singular_values(layer))
         2
     """
-    return [float(np.real(x)) for x in _require(layer, name).singular_values(layer)]
+    return [float(np.real(x)) for x in _require(layer, name, "singular_values").singular_values(layer)]
 
 
 def invalidate_cache(layer, name: str = "weight") -> None:
@@ -1595,7 +1615,7 @@ def invalidate_cache(layer, name: str = "weight") -> None:
     :class:`_EvalCache`): a ``set_value`` or optimizer update that changes none of the
     sampled entries of a large W.
     """
-    _require(layer, name).invalidate()
+    _require(layer, name, "invalidate_cache").invalidate()
 
 
 def report(layer):

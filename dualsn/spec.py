@@ -44,7 +44,62 @@ __all__ = [
     "sigma",
     "ReferenceSN",
     "normalized_weight_grad",
+    "ArgumentTypeError",
+    "DimOutOfRangeError",
+    "ParameterNotFoundError",
+    "check_name",
+    "check_num_svs",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors. Each is the type the built-ins raise for that mistake (torch's and Paddle's differ),
+# and also a ValueError, so ``except ValueError`` keeps catching every bad argument.
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (``n_power_iterations="1"``, ``name=3``): a TypeError, as
+    in every built-in."""
+
+
+class DimOutOfRangeError(IndexError, ValueError):
+    """``dim`` outside the weight's axes: torch raises IndexError, Paddle's built-in
+    ValueError."""
+
+
+class ParameterNotFoundError(KeyError, ValueError):
+    """No parameter called ``name``: Paddle's built-in and torch's legacy hook raise KeyError,
+    torch's parametrization ValueError."""
+
+    def __str__(self) -> str:  # KeyError would show the message as a quoted repr
+        return str(self.args[0])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _require_type(field: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ArgumentTypeError(f"Expected {field} to be {allowed}, but got {field}={value!r} ({type(value).__name__})")
+
+
+def check_name(name) -> None:
+    """TypeError unless the parameter name is a string."""
+    _require_type("name", name, isinstance(name, str), "a str (the name of a parameter)")
+
+
+def check_num_svs(num_svs: int, h: int, w: int) -> None:
+    """ValueError when ``num_svs`` exceeds the W-matrix's rank bound min(h, w): Gram-Schmidt
+    would run out of directions and return zero or repeated vectors."""
+    if num_svs > min(h, w):
+        raise ValueError(
+            f"Expected num_svs <= min(h, w) = {min(h, w)} for a {h} x {w} W-matrix, but got num_svs={num_svs}"
+        )
 
 ORDERS = ("uv", "vu")
 """``"uv"``: u <- N(W v), then v <- N(W^H u) (torch parametrizations).
@@ -87,22 +142,19 @@ class Spec:
     num_svs: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_power_iterations, bool) or not isinstance(
-            self.n_power_iterations, (int, np.integer)
-        ) or self.n_power_iterations <= 0:
+        _require_type("n_power_iterations", self.n_power_iterations, _is_int(self.n_power_iterations), "an int")
+        if self.n_power_iterations <= 0:
             raise ValueError(
                 "Expected n_power_iterations to be a positive integer, but got "
                 f"n_power_iterations={self.n_power_iterations!r}"
             )
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float, np.floating)) or not (
-            self.eps > 0 and np.isfinite(self.eps)
-        ):
+        _require_type("eps", self.eps, _is_real(self.eps), "a float")
+        if not (self.eps > 0 and np.isfinite(self.eps)):
             raise ValueError(f"Expected eps to be a finite float > 0, but got eps={self.eps!r}")
         if self.order not in ORDERS:
             raise ValueError(f"Expected order to be one of {ORDERS}, but got order={self.order!r}")
-        if isinstance(self.warmup_iterations, bool) or not isinstance(
-            self.warmup_iterations, (int, np.integer)
-        ) or self.warmup_iterations < 0:
+        _require_type("warmup_iterations", self.warmup_iterations, _is_int(self.warmup_iterations), "an int")
+        if self.warmup_iterations < 0:
             raise ValueError(
                 "Expected warmup_iterations to be an integer >= 0, but got "
                 f"warmup_iterations={self.warmup_iterations!r}"
@@ -112,18 +164,18 @@ class Spec:
                 f"Expected vector_mode to be one of {VECTOR_MODES}, but got "
                 f"vector_mode={self.vector_mode!r}"
             )
-
         for field in ("coeff", "atol", "rtol"):
             value = getattr(self, field)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
-                or not np.isfinite(value) or value < 0 or (field == "coeff" and value == 0)
-            ):
+            if value is None:
+                continue
+            _require_type(field, value, _is_real(value), "None or a float")
+            if not np.isfinite(value) or value < 0 or (field == "coeff" and value == 0):
                 allowed = "> 0" if field == "coeff" else ">= 0"
                 raise ValueError(f"Expected {field} to be None or a finite float {allowed}, but got {field}={value!r}")
         for field in ("max_iterations", "num_svs"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            _require_type(field, value, _is_int(value), "an int")
+            if value < 1:
                 raise ValueError(f"Expected {field} to be a positive integer, but got {field}={value!r}")
         if self.uses_tolerance and self.max_iterations < self.n_power_iterations:
             raise ValueError(
@@ -212,9 +264,11 @@ def make_spec(
     the opt-in features no built-in has: ``coeff``, ``atol``, ``rtol``, ``max_iterations``,
     ``num_svs`` (see :class:`Spec`).
 
-    Raises ValueError naming the argument for an unknown preset or a bad value.
+    Raises :class:`ArgumentTypeError` (a TypeError) naming the argument for a wrong type, and
+    ValueError for an unknown preset or a bad value.
     """
-    if not isinstance(compat, str) or compat not in PRESETS:
+    _require_type("compat", compat, isinstance(compat, str), "a str")
+    if compat not in PRESETS:
         raise ValueError(
             f"Expected compat to be one of {tuple(PRESETS)}, but got compat={compat!r}"
         )
@@ -234,12 +288,11 @@ FEATURES = ("coeff", "atol", "rtol", "max_iterations", "num_svs")
 
 def canonical_dim(dim: int, ndim: int) -> int:
     """``dim`` as a non-negative axis of a rank-``ndim`` weight; IndexError if out of range."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise TypeError(f"Expected dim to be an int, but got dim={dim!r}")
+    _require_type("dim", dim, _is_int(dim), "an int or None")
     low = -max(ndim, 1)
     high = max(ndim, 1) - 1
     if not low <= dim <= high:
-        raise IndexError(
+        raise DimOutOfRangeError(
             f"Dimension out of range (expected dim to be in range of [{low}, {high}] "
             f"for a weight with {ndim} dimension(s), but got dim={dim})"
         )
@@ -388,7 +441,10 @@ def manual_seed(seed: int | None) -> None:
 
 
 def check_seed(seed) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+    if seed is None:
+        return
+    _require_type("seed", seed, _is_int(seed), "a non-negative int or None")
+    if seed < 0:
         raise ValueError(f"Expected seed to be a non-negative int or None, but got seed={seed!r}")
 
 
