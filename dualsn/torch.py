@@ -12,7 +12,8 @@ forward takes sigma from the last power-iteration norm instead of a third produc
 gradient of W -> W / sigma is one closed-form fused pass (:class:`_DivideBySigma`), the
 W-matrix is never copied for ``dim != 0``, and eval mode reuses the normalized weight while
 nothing changed (:class:`_EvalCache`). Sigma, and so the normalized weight and gradients,
-then differ from the built-in's in the last bits only (rounding).
+then differ from the built-in's in the last bits only (rounding). Inside :func:`plain_path`
+every forward skips all of these, for tests that hold the fast paths against plain autograd.
 
 Lipschitz toolkit (opt-in, the same in ``dualsn.paddle``): ``coeff`` (soft bound
 max(1, sigma / coeff)), ``atol``/``rtol`` (iterate until sigma settles), ``num_svs`` (several
@@ -56,6 +57,7 @@ __all__ = [
     "weight_grad",
     "WeightMatrix",
     "ConvOperator",
+    "plain_path",
 ]
 
 
@@ -493,8 +495,11 @@ def spectral_norm_forward(
     Training mode first runs the spec's training iterations (``spec.n_power_iterations``, or
     until sigma settles with ``atol``/``rtol``) on the ``u``, ``v`` buffers in place.
     Gradients flow into ``weight`` only; u and v are constants. (Extra pairs of ``num_svs``
-    live in :class:`SpectralNorm`, which iterates them too.)
+    live in :class:`SpectralNorm`, which iterates them too.) Inside :func:`plain_path`, the
+    plain computation.
     """
+    if _plain:
+        return _plain_normalized_weight(weight, lambda w: _PlainMatrix(w, dim), (u, v, None, None), spec, training)[0]
     if weight.dtype in _LOW_PRECISION:
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
@@ -516,6 +521,135 @@ def _divide(weight, sigma, u, v, dim: int, coeff: float | None = None) -> torch.
     # Clone u, v: a later forward updates the buffers in place, and this forward's backward
     # needs them as they are now (loss = D(real) - D(fake) runs two forwards, one backward).
     return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim, coeff)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain path: the fast paths' reference, behind a switch
+#
+# Everything above trades plainness for speed (sigma read off a norm, a hand-written gradient,
+# in-place normalization, caches). The plain path computes the same forward the way the spec
+# writes it, and lets autograd derive the whole gradient, so that tests can hold each fast
+# path against an implementation that shares none of its tricks.
+
+_plain = False
+"""Whether spectral-norm forwards take the plain path (set by :func:`plain_path`)."""
+
+
+@contextlib.contextmanager
+def plain_path(enabled: bool = True):
+    """A context in which every dualsn.torch spectral-norm forward takes the plain path.
+
+    The plain path is the reference the fast paths are tested against. It runs the same
+    algorithm with the same state updates (u, v and the extra pairs, ``last_sigma``,
+    ``last_iterations``, the ``_sigma`` buffer), but with ordinary operations only: the power
+    iteration is ``F.normalize`` of products with the W-matrix (a copy, for ``dim != 0``) or
+    with the convolution, sigma is ``u^H M v``, and autograd records ``W / divisor(sigma)``
+    and derives the gradient (``create_graph`` included). No eval cache is read or written
+    and no kept sigma is used. Results agree with the fast paths up to rounding; it is slower.
+
+    The setting is module-wide (every thread); the previous one comes back on exit, also on
+    an exception, so contexts nest. ``plain_path(False)`` turns it off inside an enclosing one.
+
+    Example::
+
+        >>> layer = spectral_norm(nn.Linear(20, 10), seed=0)
+        >>> with plain_path():
+        ...     reference = layer.weight
+    """
+    global _plain
+    previous, _plain = _plain, bool(enabled)
+    try:
+        yield
+    finally:
+        _plain = previous
+
+
+class _PlainMatrix:
+    """The W-matrix as the spec writes it, ``dim`` moved to the front and the rest flattened
+    (a copy unless ``dim`` is 0): the operator of the plain path."""
+
+    __slots__ = ("mat",)
+
+    def __init__(self, weight: torch.Tensor, dim: int) -> None:
+        self.mat = weight.movedim(dim, 0).reshape(_spec.matrix_shape(tuple(weight.shape), dim))
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return self.mat @ v
+
+    def mv_h(self, u: torch.Tensor) -> torch.Tensor:
+        return self.mat.mH @ u
+
+
+def _plain_step(op, us: list, vs: list, spec: _spec.Spec):
+    """``dualsn.spec.power_step`` in ordinary torch operations: the new lists of u's and v's,
+    and the norm of pair 0's last vector before normalization (what atol/rtol compare)."""
+    new_us, new_vs, estimate = [], [], None
+    for u, v in zip(us, vs):
+        if spec.order == "uv":
+            u = F.normalize(_orthogonalize(op.mv(v), new_us), dim=0, eps=spec.eps)
+            last = _orthogonalize(op.mv_h(u), new_vs)
+            v = F.normalize(last, dim=0, eps=spec.eps)
+        else:
+            v = F.normalize(_orthogonalize(op.mv_h(u), new_vs), dim=0, eps=spec.eps)
+            last = _orthogonalize(op.mv(v), new_us)
+            u = F.normalize(last, dim=0, eps=spec.eps)
+        if estimate is None:
+            estimate = torch.linalg.vector_norm(last)
+        new_us.append(u)
+        new_vs.append(v)
+    return new_us, new_vs, estimate
+
+
+@torch.no_grad()
+def _plain_iterations(op, vectors, spec: _spec.Spec) -> int:
+    """The power iterations of one training forward by :func:`_plain_step`, counted as
+    ``dualsn.spec.training_iterations`` counts them (written out again, not shared with the
+    fast path); the new vectors go into ``vectors`` = (u, v, extra u rows, extra v rows).
+    Returns the count."""
+    u, v, extra_u, extra_v = vectors
+    buffers_u = [u] if extra_u is None else [u, *extra_u]
+    buffers_v = [v] if extra_v is None else [v, *extra_v]
+    us, vs = buffers_u, buffers_v
+    if not spec.uses_tolerance:
+        for _ in range(spec.n_power_iterations):
+            us, vs, _ = _plain_step(op, us, vs, spec)
+        count = spec.n_power_iterations
+    else:
+        previous, count = None, 0
+        while count < spec.max_iterations:
+            us, vs, estimate = _plain_step(op, us, vs, spec)
+            count += 1
+            estimate = estimate.item()
+            if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
+                break
+            previous = estimate
+    # copy_ rather than rebinding: the buffers keep their identity (DataParallel replicas
+    # share them), and the extra rows are views of one buffer.
+    for buffer, new in zip(buffers_u + buffers_v, us + vs):
+        buffer.copy_(new)
+    return count
+
+
+def _plain_normalized_weight(weight: torch.Tensor, op_of, vectors, spec: _spec.Spec, training: bool):
+    """(normalized weight, sigma, iterations run) of one forward on the plain path.
+
+    ``op_of(w)`` is the operator (``mv``, ``mv_h``) of a weight in the compute dtype;
+    ``vectors`` = (u, v, extra u rows, extra v rows), flat views of the buffers. sigma is
+    detached (the ``last_sigma`` value); for an exactly normalized weight it is max(||W||, eps).
+    """
+    w = _upcast(weight)  # half precision: the math in float32, the result cast back
+    with _no_autocast(w.device.type):
+        if spec.is_exact_vector(w.ndim):
+            sigma, count = torch.linalg.vector_norm(w).clamp_min(spec.eps), 0
+        else:
+            count = _plain_iterations(op_of(w), vectors, spec) if training else 0
+            # Clones: autograd saves u, v for backward, and later forwards overwrite the buffers.
+            u, v = vectors[0].clone(), vectors[1].clone()
+            sigma = torch.vdot(u, op_of(w).mv(v))
+        # The rule itself, not the fast path's tensor select: its Python branch reads the
+        # bound's side on the host, a synchronization only a reference can afford.
+        out = w / spec.divisor(sigma)
+    return out.to(weight.dtype), sigma.detach(), count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,6 +887,10 @@ class SpectralNorm(nn.Module):
         """W / sigma (or the ``coeff`` divisor), differentiable in W with u, v constant."""
         return _divide(weight, sigma, self._u, self._v, self.dim, self.spec.coeff)
 
+    def _plain_operator(self, weight: torch.Tensor) -> _PlainMatrix:
+        """The operator of the plain path (:func:`plain_path`)."""
+        return _PlainMatrix(weight, self.dim)
+
     # ----------------------------------------------------------------------------------------
     def iterate(self, weight: torch.Tensor, n: int) -> None:
         """``n`` power iterations on ``weight`` (all pairs; no-op without u, v)."""
@@ -835,6 +973,8 @@ class SpectralNorm(nn.Module):
         return self._divide_by(weight, sigma), sigma
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if _plain:
+            return self._plain_forward(weight)
         cache = self._cache
         if (
             cache is not None
@@ -859,6 +999,20 @@ class SpectralNorm(nn.Module):
                 if self.track_sigma:
                     with torch.no_grad():
                         self._sigma.copy_(sigma)
+        return out
+
+    def _plain_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The forward under :func:`plain_path`: the same state updates, neither the eval cache
+        nor the kept sigma touched."""
+        out, sigma, count = _plain_normalized_weight(
+            weight, self._plain_operator, self._vectors(), self.spec, self.training
+        )
+        attrs = self.__dict__
+        attrs["last_iterations"] = count
+        attrs["last_sigma"] = None if self._u is None else sigma
+        if self.track_sigma:
+            with torch.no_grad():
+                self._sigma.copy_(sigma)
         return out
 
     def _eval_forward(self, weight: torch.Tensor):
@@ -963,6 +1117,9 @@ class SpectralNormConv(SpectralNorm):
 
     def _operator(self, weight: torch.Tensor) -> ConvOperator:
         return ConvOperator(weight, self.geometry)
+
+    # conv and conv_transpose are plain operations already (autograd differentiates them)
+    _plain_operator = _operator
 
     def _vectors(self):
         u_extra = self._buffers.get("_u_extra")
