@@ -1248,14 +1248,29 @@ def _check_track_sigma(track_sigma) -> None:
         raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
 
 
-def _target_weight(module: nn.Module, name: str) -> torch.Tensor:
+def _check_is_module(module, function: str) -> None:
+    """TypeError naming the right function when ``module`` is not a torch module."""
+    if isinstance(module, nn.Module):
+        return
+    cls = type(module)
+    hint = f"; for a Paddle layer use dualsn.paddle.{function}" if cls.__module__.startswith("paddle") else ""
+    raise TypeError(f"Expected module to be a torch.nn.Module, but got {cls.__module__}.{cls.__qualname__}{hint}")
+
+
+def _has_legacy_hook(module: nn.Module, name: str) -> bool:
+    return any(isinstance(h, _legacy.SpectralNorm) and h.name == name for h in module._forward_pre_hooks.values())
+
+
+def _target_weight(module: nn.Module, name: str, stackable: bool = False) -> torch.Tensor:
     """The tensor spectral norm would be put on, after every check that needs no algorithm
-    parameter (errors as common to both entry points; nothing is changed)."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"Expected module to be a torch.nn.Module, but got {type(module).__name__}")
-    if not isinstance(name, str):
-        raise ValueError(f"Expected name to be a str, but got name={name!r}")
-    if _has_any_spectral_norm(module, name):
+    parameter (errors as common to both entry points; nothing is changed).
+
+    ``stackable``: a parametrization may go on top of others on ``name`` (compat "torch",
+    as torch's own parametrization allows); hooks never stack, as in their built-ins.
+    """
+    _check_is_module(module, "spectral_norm")
+    _spec.check_name(name)
+    if _has_legacy_hook(module, name) or (not stackable and _has_any_spectral_norm(module, name)):
         raise RuntimeError(f"Cannot register two spectral norms on the same parameter {name!r}")
     is_tensor = (
         module._parameters.get(name) is not None
@@ -1263,7 +1278,7 @@ def _target_weight(module: nn.Module, name: str) -> torch.Tensor:
         or parametrize.is_parametrized(module, name)
     )
     if not is_tensor:
-        raise ValueError(
+        raise _spec.ParameterNotFoundError(
             f"Expected name to be a parameter or buffer of {type(module).__name__}, "
             f"but it has none called name={name!r}"
         )
@@ -1363,10 +1378,12 @@ def spectral_norm(
     )
     _spec.check_seed(seed)
     _check_track_sigma(track_sigma)
-    weight = _target_weight(module, name)
+    weight = _target_weight(module, name, stackable=compat == "torch")
     dim = _spec.canonical_dim(
         _spec.default_dim(_is_dim_1_layer(module), weight.ndim) if dim is None else dim, weight.ndim
     )
+    if not sn_spec.is_exact_vector(weight.ndim):
+        _spec.check_num_svs(sn_spec.num_svs, *_spec.matrix_shape(tuple(weight.shape), dim))
 
     # Validation is over; from here on the module changes.
     s = _spec.next_seed(seed)
@@ -1425,6 +1442,7 @@ def spectral_norm_conv(
     )
     _spec.check_seed(seed)
     _check_track_sigma(track_sigma)
+    _check_is_module(module, "spectral_norm_conv")
     if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         raise TypeError(
             "Expected module to be a torch.nn.Conv1d, Conv2d or Conv3d, but got "
@@ -1454,12 +1472,15 @@ def spectral_norm_conv(
             f"then {spatial} spatial size(s); no batch axis), but got input_shape={input_shape!r}"
         )
     geometry = ConvGeometry(module, tuple(int(n) for n in input_shape))
+    _spec.check_num_svs(sn_spec.num_svs, math.prod(geometry.output_shape), math.prod(geometry.input_shape))
 
     s = _spec.next_seed(seed)
     return _register(module, name, weight, SpectralNormConv(weight, geometry, sn_spec, s, track_sigma))
 
 
-def _require(module: nn.Module, name: str):
+def _require(module: nn.Module, name: str, function: str):
+    _check_is_module(module, function)
+    _spec.check_name(name)
     found = _find(module, name)
     if found is None:
         raise ValueError(f"Expected a dualsn spectral norm on name={name!r}, but {type(module).__name__} has none")
@@ -1475,7 +1496,7 @@ def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     again. All the spectral norm's state goes. ValueError if there is no dualsn spectral
     norm on ``name``; RuntimeError if other parametrizations share it.
     """
-    plist, _, sn = _require(module, name)
+    plist, _, sn = _require(module, name, "remove_spectral_norm")
     if len(plist) != 1:
         raise RuntimeError(
             f"Cannot remove the spectral norm from {name!r} while other parametrizations are "
@@ -1508,7 +1529,7 @@ def sigma(module: nn.Module, name: str = "weight") -> float:
         >>> sigma(layer) > 0
         True
     """
-    plist, index, sn = _require(module, name)
+    plist, index, sn = _require(module, name, "sigma")
     with torch.no_grad():
         return float(sn.sigma(_sn_input(plist, index)).real.item())
 
@@ -1524,7 +1545,7 @@ def singular_values(module: nn.Module, name: str = "weight") -> list[float]:
         >>> len(singular_values(layer))
         2
     """
-    plist, index, sn = _require(module, name)
+    plist, index, sn = _require(module, name, "singular_values")
     return sn.singular_values(_sn_input(plist, index))
 
 

@@ -318,6 +318,9 @@ def _check_coeff_side(records, coeff):
 @pytest.mark.parametrize("compat", PRESETS)
 @pytest.mark.parametrize("kind", ["linear", "conv_transpose2d", "vector"])
 def test_features_equal_fast_path(kind, compat, features):
+    if kind == "vector" and compat != "torch":
+        # an n x 1 W-matrix has one singular value: num_svs > 1 is refused there
+        features = {k: v for k, v in features.items() if k != "num_svs"}
     xs = inputs(kind, torch.float64)
     plain = train(make(kind, compat=compat, **features), xs, plain=True)
     fast = train(make(kind, compat=compat, **features), xs, plain=False)
