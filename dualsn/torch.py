@@ -69,6 +69,14 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) 
 """Whether torch.compile is tracing this code (``torch.compiler.is_compiling``, torch >= 2.3)."""
 
 
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap batched tensor (functorch's, or the legacy one of
+    ``autograd.grad(..., is_grads_batched=True)``, which gradcheck uses): ``.item()`` fails on it."""
+    functorch = getattr(torch._C, "_functorch", None)
+    checks = ("is_batchedtensor", "is_legacy_batchedtensor", "is_functorch_wrapped_tensor")
+    return functorch is not None and any(getattr(functorch, c)(t) for c in checks if hasattr(functorch, c))
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for this device type."""
     try:
@@ -406,7 +414,7 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, coeff: float | None = None)
     mat = WeightMatrix(weight, dim)
     sigma_c = sigma.conj()
     dot = torch.vdot(weight.reshape(-1), grad.reshape(-1))
-    if grad.device.type == "cpu" and not _is_compiling():
+    if grad.device.type == "cpu" and not _is_compiling() and not _is_batched(grad):
         # Reading the scalars is free on the CPU, and BLAS then scales while it adds.
         s_c = sigma_c.item()
         if coeff is not None and not s_c.real > coeff:
@@ -414,8 +422,9 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, coeff: float | None = None)
         if s_c != 0:
             d_c = s_c if coeff is None else s_c / coeff
             return mat.add_rank1(grad, u, v, 1 / d_c, -dot.item() / (d_c * s_c))
-    # Elsewhere (CUDA, compiled code) a .item() would synchronize: keep the scalars in
-    # tensors, at the price of a second pass. (Also sigma == 0: inf/nan, as tensors give.)
+    # Elsewhere (CUDA, compiled code) a .item() would synchronize, and under vmap it fails:
+    # keep the scalars in tensors, at the price of a second pass. (Also sigma == 0: inf/nan,
+    # as tensors give.)
     if coeff is None:
         out = mat.add_rank1(grad, u * (-dot / sigma_c), v, 1, 1)
         return out.div_(sigma_c)
