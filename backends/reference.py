@@ -89,11 +89,11 @@ class ReferenceInstance(Instance):
         self.weight = np.array(params["weight"], dtype=config.dtype)
         self.bias_ = None if params.get("bias") is None else np.array(params["bias"], dtype=config.dtype)
         u0, v0 = (None, None) if uv0 is None else uv0
-        extra = {}
+        extra = {"seed": seed}  # the recovery vectors (spec.recovery_uv) come from the seed too
         if self.spec.num_svs > 1 and u0 is not None:
             h, w = config.matrix_shape()
             extra_u0, extra_v0 = spec.init_extra_uv(h, w, self.spec.num_svs - 1, seed, config.dtype, config.eps)
-            extra = {"extra_u0": extra_u0, "extra_v0": extra_v0}
+            extra.update(extra_u0=extra_u0, extra_v0=extra_v0)
         if config.operator_norm:
             self.sn = ConvOperatorSN(self.layer, self.weight, self.spec, u0, v0, training, **extra)
         else:

@@ -317,15 +317,34 @@ class ConvOperator:
         return paddle.slice(x, list(range(2, 2 + g.spatial)), starts, ends).squeeze(0)
 
 
-def _normalize_into(y, target, eps: float) -> float:
-    """target <- N(y) = y / max(||y||, eps), in place; returns ||y||.
+_NUMPY_REAL = {paddle.float32: np.float32, paddle.float64: np.float64, paddle.complex64: np.float32, paddle.complex128: np.float64}
+_FLOAT_TINY = {dtype: float(np.finfo(real).tiny) for dtype, real in _NUMPY_REAL.items()}
 
-    The squared norm is one BLAS dot read back to the host (a complex y through its (re, im)
-    pairs), and target = y * (1 / max(||y||, eps)) by copy_ + scale_: three small ops where
-    F.normalize + assign take six. It rounds differently from F.normalize in the last bit.
+
+def _host_norm(x) -> float:
+    """||x|| as a Python float, without overflow or underflow of the squared sum: one BLAS
+    dot read back to the host, and only where that is out of range ``dualsn.spec.safe_norm``
+    on a host copy (u, v are vectors: the copy is small, and the rule stays in one place)."""
+    flat = paddle.as_real(x).reshape([-1]) if _is_complex(x) else _flat(x)
+    squared = paddle.matmul(flat, flat).item()
+    if math.isfinite(squared) and squared > _FLOAT_TINY.get(flat.dtype, 0.0):
+        return math.sqrt(squared)
+    return float(_spec.safe_norm(flat.numpy()))
+
+
+def _normalize_into(y, target, eps: float, recovery=None) -> float:
+    """target <- N(y) = y / max(||y||, eps), in place; returns ||y||. A y whose norm has
+    underflowed gives ``recovery`` instead, when given (``dualsn.spec.normalize``). A NaN or Inf norm raises
+    FloatingPointError before target is written (``dualsn.spec.check_finite_sigma``).
+
+    target = y * (1 / max(||y||, eps)) by copy_ + scale_: three small ops where F.normalize
+    + assign take six. It rounds differently from F.normalize in the last bit.
     """
-    flat = paddle.as_real(y).reshape([-1]) if _is_complex(y) else _flat(y)
-    norm = math.sqrt(max(paddle.matmul(flat, flat).item(), 0.0))
+    norm = _host_norm(y)
+    _spec.check_finite_sigma(norm)
+    if recovery is not None and norm < _FLOAT_TINY.get(target.dtype, 0.0):  # underflowed
+        target.copy_(recovery, False)
+        return norm
     target.copy_(y, False)
     target.scale_(1.0 / max(norm, eps))  # also bumps target's inplace version
     return norm
@@ -346,21 +365,23 @@ def _orthogonalize(x, basis):
     return flat.reshape(x.shape) if x.ndim != 1 else flat
 
 
-def _step(op, u, v, extra_u, extra_v, order: str, eps: float) -> float:
+def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, None)) -> float:
     """One power iteration on every (u, v) pair, in place (``dualsn.spec.power_step``).
 
     ``op`` has ``mv`` (x -> M x) and ``mhv`` (y -> M^H y): a :class:`WeightMatrix` or a
     :class:`ConvOperator`. ``u``, ``v`` are pair 0, the plain iteration; the rows of
     ``extra_u``, ``extra_v`` (or None) are the extra pairs of ``num_svs``, each made
-    orthogonal to the pairs before it. Returns the norm of pair 0's last vector before
-    normalization, the sigma estimate (see :func:`_sigma_from_norm`).
+    orthogonal to the pairs before it. ``recovery`` = (u, v) pair 0 restarts from instead
+    of becoming zero. Returns the norm of pair 0's last vector before normalization, the
+    sigma estimate (see :func:`_sigma_from_norm`).
     """
+    rec_u, rec_v = recovery
     if order == "uv":
-        _normalize_into(op.mv(v), u, eps)
-        norm = _normalize_into(op.mhv(u), v, eps)
+        _normalize_into(op.mv(v), u, eps, rec_u)
+        norm = _normalize_into(op.mhv(u), v, eps, rec_v)
     else:
-        _normalize_into(op.mhv(u), v, eps)
-        norm = _normalize_into(op.mv(v), u, eps)
+        _normalize_into(op.mhv(u), v, eps, rec_v)
+        norm = _normalize_into(op.mv(v), u, eps, rec_u)
     if extra_u is not None:
         us, vs = [u], [v]  # the pairs already updated in this step
         for i in range(int(extra_u.shape[0])):
@@ -376,6 +397,14 @@ def _step(op, u, v, extra_u, extra_v, order: str, eps: float) -> float:
     return norm
 
 
+def _in_precision(value, dtype):
+    """A host number rounded to ``dtype``'s precision, as a tensor computation would give it
+    (a float32 sigma of 1e-59 is zero, and then the divisor's floor applies)."""
+    if dtype in (paddle.float32, paddle.complex64):
+        return complex(np.complex64(value)) if isinstance(value, complex) else float(np.float32(value))
+    return value
+
+
 def _sigma_from_norm(norm: float, eps: float) -> float:
     """sigma = u^H M v after a step, from the norm r of its last vector before normalization:
 
@@ -387,18 +416,20 @@ def _sigma_from_norm(norm: float, eps: float) -> float:
     return norm * (norm / max(norm, eps))
 
 
-def _power_iteration_(mat: WeightMatrix, u, v, n: int, order: str, eps: float, extra_u=None, extra_v=None):
+def _power_iteration_(
+    mat: WeightMatrix, u, v, n: int, order: str, eps: float, extra_u=None, extra_v=None, recovery=(None, None)
+):
     """``n`` power iterations, writing into u and v (and the extra pairs) in place: their
     identity is kept, so buffers shared between replicas see the update. Returns sigma =
     u^H M v for the new u, v as a float, read off the last product (None when n == 0)."""
     norm = None
     with paddle.no_grad():
         for _ in range(n):
-            norm = _step(mat, u, v, extra_u, extra_v, order, eps)
+            norm = _step(mat, u, v, extra_u, extra_v, order, eps, recovery)
     return None if norm is None else _sigma_from_norm(norm, eps)
 
 
-def _training_steps(op, vectors, spec: _spec.Spec):
+def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     """The power iterations of one training forward (``dualsn.spec.training_iterations``), in
     place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
@@ -409,11 +440,11 @@ def _training_steps(op, vectors, spec: _spec.Spec):
     """
     if not spec.uses_tolerance:
         return _power_iteration_(op, *vectors[:2], spec.n_power_iterations, spec.order, spec.eps,
-                                 *vectors[2:]), spec.n_power_iterations
+                                 *vectors[2:], recovery), spec.n_power_iterations
     previous, count = None, 0
     with paddle.no_grad():
         while count < spec.max_iterations:
-            norm = _step(op, *vectors, spec.order, spec.eps)
+            norm = _step(op, *vectors, spec.order, spec.eps, recovery)
             count += 1
             if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
                 break
@@ -593,48 +624,62 @@ def _bound_inactive(spec: _spec.Spec, sigma) -> bool:
     return spec.coeff is not None and not np.real(sigma) > spec.coeff
 
 
-def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool):
+def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool, recovery=(None, None)):
     """:func:`normalized_weight` with the extra pairs of ``num_svs``: ``vectors`` = (u, v,
-    extra_u, extra_v). Returns (normalized weight, sigma as a number, power iterations run);
-    sigma is None in a static graph (no host values there)."""
+    extra_u, extra_v), and the ``recovery`` (u, v) of ``dualsn.spec.recovery_uv``. Returns
+    (normalized weight, sigma as a number, power iterations run); sigma is None in a static
+    graph (no host values there)."""
     u, v = vectors[0], vectors[1]
     if weight.dtype in _LOW_PRECISION:
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
-        wide, sigma, count = _normalized_weight(weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration)
+        wide, sigma, count = _normalized_weight(
+            weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration, recovery
+        )
         return wide.astype(weight.dtype), sigma, count
     if _PLAIN or not paddle.in_dynamic_mode():
-        return _plain_normalized_weight(weight, vectors, dim, spec, do_power_iteration)
-    graph = _needs_graph(weight)
+        return _plain_normalized_weight(weight, vectors, dim, spec, do_power_iteration, recovery)
     if u is None:
-        with paddle.no_grad():
-            norm = _clamped_norm(weight, 0.0).item()  # ||W||
-            n0 = max(norm, spec.eps)  # sigma
-            if not graph:
-                return _scaled(weight, spec.divisor(n0)), n0, 0
-        if _bound_inactive(spec, n0):
-            return _scaled(weight, 1.0), n0, 0  # W itself: the gradient passes unchanged
-        private = _private_view(weight)
-        private.register_hook(_VectorGradHook(weight, spec.eps, norm))
-        return _scaled(private, spec.divisor(n0)), n0, 0
+        return _exact_normalized_weight(weight, spec, do_power_iteration)
     mat = WeightMatrix(weight, dim)
     sigma, count = None, 0
     if do_power_iteration:
-        sigma, count = _training_steps(mat, vectors, spec)
+        sigma, count = _training_steps(mat, vectors, spec, recovery)
+        sigma = _in_precision(sigma, weight.dtype)
     if sigma is None:
         sigma = _sigma_value(mat, u, v)
-    divisor = spec.divisor(sigma)  # sigma itself without coeff
-    if not graph:
+    divisor = spec.divisor(sigma)  # sigma itself without coeff (eps where it is zero)
+    if not _needs_graph(weight):
         with paddle.no_grad():
             return _scaled(weight, divisor), sigma, count
     if _bound_inactive(spec, sigma):
         return _scaled(weight, 1.0), sigma, count  # W itself: the gradient passes unchanged
+    if spec.sigma_floored(sigma):
+        return _scaled(weight, divisor), sigma, count  # W / eps: a constant divisor, gradient G / eps
     private = _private_view(weight)
     # With coeff the hook's correction is the same (in terms of the gradient it receives,
     # G / conj(divisor)): see spec.normalized_weight_grad. u, v are clones: a second forward
     # (D(real), then D(fake)) updates the buffers in place before this backward runs.
     private.register_hook(_MatrixGradHook(mat, u.clone(), v.clone(), sigma))
     return _scaled(private, divisor), sigma, count
+
+
+def _exact_normalized_weight(weight, spec: _spec.Spec, training: bool):
+    """W / max(||W||, eps) for an exactly normalized 1-D weight (the ``coeff`` divisor of it);
+    (value, sigma, 0)."""
+    with paddle.no_grad():
+        norm = _host_norm(weight)  # ||W||
+    if training:
+        _spec.check_finite_sigma(norm)
+    n0 = max(norm, spec.eps)  # sigma
+    if not _needs_graph(weight):
+        with paddle.no_grad():
+            return _scaled(weight, spec.divisor(n0)), n0, 0
+    if _bound_inactive(spec, n0):
+        return _scaled(weight, 1.0), n0, 0  # W itself: the gradient passes unchanged
+    private = _private_view(weight)
+    private.register_hook(_VectorGradHook(weight, spec.eps, norm))
+    return _scaled(private, spec.divisor(n0)), n0, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,54 +707,76 @@ class _PlainMatrix:
         return paddle.matmul(self.w_mat, y, transpose_x=True)
 
 
-def _plain_normalize(x, eps: float):
-    """N(x) for a tensor of any shape (conv operators have activation-shaped u, v)."""
-    if x.ndim == 1:
-        return _normalize(x, eps)
-    return x / paddle.cast(_clamped_norm(x, eps), x.dtype)
+def _plain_norm(x):
+    """||x|| as a real 0-D tensor, scaled by max|x| so that the squared sum neither overflows
+    nor underflows (``dualsn.spec.safe_norm``; no host read, for static graphs too)."""
+    flat = (paddle.as_real(x) if _is_complex(x) else x).reshape([-1])
+    # a constant factor for autograd: s * ||x / s|| has the gradient of ||x|| for any s > 0
+    scale = paddle.max(paddle.abs(flat)).detach()
+    scale = paddle.where(scale > 0, scale, paddle.ones_like(scale))
+    scaled = flat / scale
+    return paddle.sqrt(paddle.sum(scaled * scaled)) * scale
 
 
-def _plain_step(op, vectors, order: str, eps: float):
-    """One :func:`dualsn.spec.power_step` with ordinary ops, written into the buffers with
-    ``paddle.assign``; returns pair 0's last vector before normalization (a tensor)."""
+def _plain_normalize(x, eps: float, recovery=None):
+    """N(x) for a tensor of any shape (conv operators have activation-shaped u, v), and
+    ``recovery`` where ||x|| has underflowed (``dualsn.spec.normalize``); returns (N(x), ||x||)."""
+    norm = _plain_norm(x)
+    out = x / paddle.cast(paddle.maximum(norm, paddle.full([], eps, dtype=norm.dtype)), x.dtype)
+    if recovery is not None:
+        underflowed = norm < float(np.finfo(_NUMPY_REAL[norm.dtype]).tiny)
+        out = paddle.where(underflowed, recovery.reshape(x.shape), out)
+    return out, norm
+
+
+def _plain_step(op, vectors, order: str, eps: float, recovery=(None, None)):
+    """One :func:`dualsn.spec.power_step` with ordinary ops; returns the new (us, vs) and the
+    norm of pair 0's last vector before normalization (a 0-D tensor). Nothing is written."""
     u, v, extra_u, extra_v = vectors
     pairs = [(u, v)] + ([] if extra_u is None else [(extra_u[i], extra_v[i]) for i in range(int(extra_u.shape[0]))])
-    new_us, new_vs, first_last = [], [], None
+    new_us, new_vs, first_norm = [], [], None
     for ui, vi in pairs:
+        rec_u, rec_v = recovery if not new_us else (None, None)
         if order == "uv":
-            ui = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps)
-            last = _orthogonalize(op.mhv(ui), new_vs)
-            vi = _plain_normalize(last, eps)
+            ui, _ = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps, rec_u)
+            vi, norm = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps, rec_v)
         else:
-            vi = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps)
-            last = _orthogonalize(op.mv(vi), new_us)
-            ui = _plain_normalize(last, eps)
-        first_last = last if first_last is None else first_last
+            vi, _ = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps, rec_v)
+            ui, norm = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps, rec_u)
+        first_norm = norm if first_norm is None else first_norm
         new_us.append(ui)
         new_vs.append(vi)
+    return new_us, new_vs, first_norm
+
+
+def _store_pairs(vectors, new_us, new_vs) -> None:
+    """Write a plain step's vectors into the buffers (their identity is kept)."""
+    u, v, extra_u, extra_v = vectors
     paddle.assign(new_us[0], u)
     paddle.assign(new_vs[0], v)
     if extra_u is not None:
         paddle.assign(paddle.stack(new_us[1:]), extra_u)
         paddle.assign(paddle.stack(new_vs[1:]), extra_v)
-    return first_last
 
 
-def _plain_steps(op, vectors, spec: _spec.Spec) -> int:
+def _plain_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)) -> int:
     """The power iterations of one training forward on the plain path; returns the count.
-    (The tolerance stop reads each estimate on the host, as the fast path does.)"""
+    In dynamic mode each step's norm is read on the host (the tolerance stop, and the NaN /
+    Inf check before anything is written), as on the fast path."""
+    dynamic = paddle.in_dynamic_mode()
+    previous, count = None, 0
     with paddle.no_grad():
-        if not spec.uses_tolerance:
-            for _ in range(spec.n_power_iterations):
-                _plain_step(op, vectors, spec.order, spec.eps)
-            return spec.n_power_iterations
-        previous, count = None, 0
-        while count < spec.max_iterations:
-            norm = float(_clamped_norm(_plain_step(op, vectors, spec.order, spec.eps), 0.0))
+        while count < (spec.max_iterations if spec.uses_tolerance else spec.n_power_iterations):
+            new_us, new_vs, norm = _plain_step(op, vectors, spec.order, spec.eps, recovery)
+            if dynamic:
+                norm = float(norm)
+                _spec.check_finite_sigma(norm)
+            _store_pairs(vectors, new_us, new_vs)
             count += 1
-            if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
-                break
-            previous = norm
+            if spec.uses_tolerance:
+                if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
+                    break
+                previous = norm
         return count
 
 
@@ -717,7 +784,7 @@ def _plain_divide(weight, op, u, v, spec: _spec.Spec):
     """(W / divisor(sigma), sigma) with sigma = u^H M v recorded by autograd, u and v held
     constant (clones: a later forward updates the buffers in place)."""
     sigma = _vdot(_flat(u.clone()), _flat(op.mv(v.clone())), twice_differentiable=True)
-    return weight / _unfused_divisor(sigma, spec.coeff), sigma
+    return weight / _unfused_divisor(sigma, spec), sigma
 
 
 def _host_sigma(sigma):
@@ -725,31 +792,34 @@ def _host_sigma(sigma):
     return sigma.item() if paddle.in_dynamic_mode() else None
 
 
-def _plain_normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool):
+def _plain_normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_iteration: bool, recovery=(None, None)):
     """:func:`_normalized_weight` through ordinary ops only: Paddle's autograd derives the
     whole gradient. Returns (normalized weight, sigma as a number or None, iterations)."""
     u, v, extra_u, _ = vectors
     if u is None:
-        norm = paddle.cast(_clamped_norm(weight, spec.eps, twice_differentiable=True), weight.dtype)
-        return weight / _unfused_divisor(norm, spec.coeff), _host_sigma(norm), 0
+        norm = paddle.cast(_plain_norm(weight), weight.dtype)
+        if do_power_iteration and paddle.in_dynamic_mode():
+            _spec.check_finite_sigma(float(paddle.real(norm) if _is_complex(norm) else norm))
+        clamped = paddle.maximum(norm, paddle.full([], spec.eps, dtype=norm.dtype))
+        return weight / _unfused_divisor(clamped, spec), _host_sigma(clamped), 0
     if do_power_iteration and not paddle.in_dynamic_mode() and (spec.uses_tolerance or extra_u is not None):
         raise NotImplementedError(
             "atol/rtol and num_svs > 1 need dynamic mode in training (the iteration count "
             "and the extra pairs are host-side); use them outside paddle.jit.to_static"
         )
     op = _PlainMatrix(weight, dim)
-    count = _plain_steps(op, vectors, spec) if do_power_iteration else 0
+    count = _plain_steps(op, vectors, spec, recovery) if do_power_iteration else 0
     out, sigma = _plain_divide(weight, op, u, v, spec)
     return out, _host_sigma(sigma), count
 
 
-def _unfused_divisor(sigma, coeff: float | None):
-    """``spec.divisor`` on a 0-D tensor, as a select (no host read): sigma, or with ``coeff``
-    sigma / coeff where Re(sigma) > coeff and 1 elsewhere."""
-    if coeff is None:
-        return sigma
-    active = (paddle.real(sigma) if _is_complex(sigma) else sigma) > coeff
-    return paddle.where(active, sigma / _scalar(coeff, sigma), paddle.ones_like(sigma))
+def _unfused_divisor(sigma, spec: _spec.Spec):
+    """``spec.divisor`` on a 0-D tensor, as a select (no host read): sigma (eps where it is
+    zero), or with ``coeff`` sigma / coeff where Re(sigma) > coeff and 1 elsewhere."""
+    if spec.coeff is None:
+        return paddle.where(sigma == 0, _scalar(spec.eps, sigma), sigma)
+    active = (paddle.real(sigma) if _is_complex(sigma) else sigma) > spec.coeff
+    return paddle.where(active, sigma / _scalar(spec.coeff, sigma), paddle.ones_like(sigma))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,8 +1017,10 @@ class SpectralNormHook:
         self.exact = exact
         self.track_sigma = bool(track_sigma)
         self.last_iterations = 0
+        self.seed: int | None = None  # the registration's seed: recovery_uv draws from it
         self._cache: _EvalCache | None = None
         self._record: _SigmaRecord | None = None
+        self._recovery_cache = None
 
     def state(self, layer):
         """(W_orig, u, v) of ``layer``; u, v are None for an exact 1-D weight."""
@@ -995,8 +1067,23 @@ class SpectralNormHook:
         """(normalized weight, sigma, power iterations run) for one forward, uncached."""
         if do_power_iteration and self.track_sigma and not paddle.in_dynamic_mode():
             raise NotImplementedError("track_sigma needs dynamic mode in training (outside paddle.jit.to_static)")
-        vectors = (u, v) + (self.extras(layer) if do_power_iteration else (None, None))
-        return _normalized_weight(weight, vectors, self.dim, self.spec, do_power_iteration)
+        if not do_power_iteration or u is None:
+            return _normalized_weight(weight, (u, v, None, None), self.dim, self.spec, do_power_iteration)
+        vectors = (u, v) + self.extras(layer)
+        return _normalized_weight(weight, vectors, self.dim, self.spec, True, self._recovery(u, v))
+
+    def _recovery(self, u, v):
+        """(u, v) of ``dualsn.spec.recovery_uv`` for this layer's seed, shaped and typed like
+        the buffers: where a power-iteration step restarts instead of making them zero."""
+        key = (u.dtype, str(u.place), tuple(u.shape), tuple(v.shape))
+        cached = self._recovery_cache
+        if cached is None or cached[0] != key:
+            arrays = _spec.recovery_uv(_prod(u.shape), _prod(v.shape), self.seed, _spec.init_dtype(str(u.dtype)), self.spec.eps)
+            tensors = tuple(
+                paddle.to_tensor(x, place=u.place).astype(u.dtype).reshape(list(t.shape)) for x, t in zip(arrays, (u, v))
+            )
+            cached = self._recovery_cache = (key, tensors)
+        return cached[1]
 
     def compute_weight(self, layer, do_power_iteration: bool):
         """The normalized weight, computed afresh (the eval cache is neither used nor
@@ -1057,7 +1144,10 @@ class SpectralNormHook:
 
     def __call__(self, layer, inputs) -> None:
         with _amp_off():
-            value = self._forward_weight(layer)
+            try:
+                value = self._forward_weight(layer)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"spectral norm of {self.name!r} in {type(layer).__name__}: {error}") from None
         if self.name in layer._buffers and paddle.in_dynamic_mode():
             # where Layer.__setattr__ would put it (a non-persistable buffer), without its
             # checks, which cost tens of microseconds in a cold cache
@@ -1096,8 +1186,11 @@ class SpectralNormHook:
     def __getstate__(self) -> dict:
         # copy.deepcopy and pickling leave the cache behind: it refers to this layer's tensors.
         state = dict(self.__dict__)
-        state["_cache"] = state["_record"] = None
+        state["_cache"] = state["_record"] = state["_recovery_cache"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"seed": None, "_recovery_cache": None, **state})
 
     def __repr__(self) -> str:
         extra = ", track_sigma=True" if self.track_sigma else ""
@@ -1142,12 +1235,15 @@ class SpectralNormConvHook(SpectralNormHook):
                 raise NotImplementedError(
                     "spectral_norm_conv needs dynamic mode in training (outside paddle.jit.to_static)"
                 )
-            count = _plain_steps(op, (u, v) + self.extras(layer), spec) if do_power_iteration else 0
+            count = 0
+            if do_power_iteration:
+                count = _plain_steps(op, (u, v) + self.extras(layer), spec, self._recovery(u, v))
             out, sigma = _plain_divide(weight, op, u, v, spec)
             return out, _host_sigma(sigma), count
         sigma, count = None, 0
         if do_power_iteration:
-            sigma, count = _training_steps(op, (u, v) + self.extras(layer), spec)
+            sigma, count = _training_steps(op, (u, v) + self.extras(layer), spec, self._recovery(u, v))
+            sigma = _in_precision(sigma, weight.dtype)
         if sigma is None:
             sigma = _sigma_value(op, u, v)
         if not _needs_graph(weight):
@@ -1155,6 +1251,8 @@ class SpectralNormConvHook(SpectralNormHook):
                 return _scaled(weight, spec.divisor(sigma)), sigma, count
         if _bound_inactive(spec, sigma):
             return _scaled(weight, 1.0), sigma, count  # W itself: the gradient passes unchanged
+        if spec.sigma_floored(sigma):
+            return _scaled(weight, spec.eps), sigma, count  # W / eps: a constant divisor
         # Autograd differentiates sigma(W) = u . conv(v, W) here (u, v held constant: clones,
         # since a later forward updates the buffers in place before this backward runs).
         divisor = _sigma(op, u.clone(), v.clone(), twice_differentiable=True)
@@ -1328,6 +1426,7 @@ def _register(layer, weight, hook: "SpectralNormHook", shapes, seed: int | None)
     shape, v's shape) (None: exact normalization) and the extra pairs, runs the registration
     iterations, computes the normalized weight and sigma, and only then changes the layer."""
     name, spec = hook.name, hook.spec
+    hook.seed = seed
     u = v = u_extra = v_extra = None
     if shapes is not None:
         h, w = _prod(shapes[0]), _prod(shapes[1])
@@ -1339,10 +1438,13 @@ def _register(layer, weight, hook: "SpectralNormHook", shapes, seed: int | None)
                 u_extra, v_extra = u_extra.reshape([k, *shapes[0]]), v_extra.reshape([k, *shapes[1]])
             if len(shapes[0]) != 1 or len(shapes[1]) != 1:
                 u, v = u.reshape(list(shapes[0])), v.reshape(list(shapes[1]))
-            _power_iteration_(
-                hook._operator(weight), u, v, spec.registration_iterations(layer.training),
-                spec.order, spec.eps, u_extra, v_extra,
-            )
+            try:
+                _power_iteration_(
+                    hook._operator(weight), u, v, spec.registration_iterations(layer.training),
+                    spec.order, spec.eps, u_extra, v_extra, hook._recovery(u, v),
+                )
+            except FloatingPointError as error:
+                raise FloatingPointError(f"spectral norm of {name!r} in {type(layer).__name__}: {error}") from None
     normalized, sigma, _ = hook._compute(layer, weight, u, v, do_power_iteration=False)
     if u is not None and paddle.in_dynamic_mode():
         hook._record = _SigmaRecord(weight, u, v, sigma)

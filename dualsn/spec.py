@@ -49,6 +49,9 @@ __all__ = [
     "ParameterNotFoundError",
     "check_name",
     "check_num_svs",
+    "safe_norm",
+    "recovery_uv",
+    "check_finite_sigma",
 ]
 
 
@@ -196,10 +199,19 @@ class Spec:
     def divisor(self, sigma):
         """What the weight is divided by: sigma, or with ``coeff`` the soft bound
         max(1, sigma / coeff), so the normalized weight's norm is at most ``coeff``.
-        The bound is active when Re(sigma) > coeff; then the divisor is sigma / coeff."""
+        The bound is active when Re(sigma) > coeff; then the divisor is sigma / coeff.
+
+        Without ``coeff``, a sigma of exactly zero (an all-zero or underflowed W) is
+        replaced by eps, as a zero norm is in N(x): W / eps = 0, whose gradient is G / eps,
+        where the built-ins divide 0 by 0 and give NaN. Every other sigma is kept as the
+        built-ins keep it (a tiny or negative one of a fresh, un-warmed u, v included)."""
         if self.coeff is None:
-            return sigma
+            return self.eps if self.sigma_floored(sigma) else sigma
         return sigma / self.coeff if np.real(sigma) > self.coeff else 1.0
+
+    def sigma_floored(self, sigma) -> bool:
+        """True when :meth:`divisor` replaces sigma by eps (no ``coeff``, sigma == 0)."""
+        return self.coeff is None and sigma == 0
 
     def registration_iterations(self, training: bool) -> int:
         """Power iterations run at registration, from the initial draw of u and v."""
@@ -343,9 +355,33 @@ def from_matrix(matrix: np.ndarray, weight_shape: tuple[int, ...], dim: int) -> 
 # Seeded u, v initialization: the same seed gives bit-identical u, v in every framework.
 
 
-def normalize(x: np.ndarray, eps: float) -> np.ndarray:
-    """N(x) = x / max(||x||, eps), in x's own precision."""
+def safe_norm(x: np.ndarray):
+    """||x|| in x's own (real) precision, without overflow or underflow of the squared sum:
+    the plain sqrt(sum |x|^2) where that is representable, else max|x| * ||x / max|x|||.
+    (Weights up to ~1e30 in float32 and ~1e300 in float64 then keep a finite, exact sigma.)"""
+    x = np.asarray(x)
     norm = np.linalg.norm(x)
+    tiny = np.finfo(norm.dtype).tiny
+    if np.isfinite(norm) and norm > np.sqrt(tiny) or norm == 0 and not np.any(x):
+        return norm
+    scale = np.max(np.abs(x))
+    if not np.isfinite(scale) or scale == 0:
+        return norm  # inf / nan stay as they are
+    return scale * np.linalg.norm(x / scale)
+
+
+def normalize(x: np.ndarray, eps: float, recovery: np.ndarray | None = None) -> np.ndarray:
+    """N(x) = x / max(||x||, eps), in x's own precision.
+
+    With ``recovery`` (pair 0 of the power iteration), an x whose norm has underflowed (below
+    the dtype's smallest normal number, zero included) gives ``recovery`` instead: u, v never
+    collapse to zero for good, so a weight that was all zero (or underflowed) is estimated
+    again as soon as it is not (see :func:`recovery_uv`). The threshold is the smallest
+    normal number, not zero, so that CPUs that flush subnormals to zero decide the same.
+    """
+    norm = safe_norm(x)
+    if recovery is not None and norm < np.finfo(norm.dtype).tiny:
+        return np.array(recovery, dtype=x.dtype)
     return x / np.maximum(norm, np.asarray(eps, dtype=norm.dtype))
 
 
@@ -391,6 +427,20 @@ def init_extra_uv(h: int, w: int, count: int, seed: int, dtype="float32", eps: f
     us = [_draw_normalized(rng, h, dtype, eps) for _ in range(count)]
     vs = [_draw_normalized(rng, w, dtype, eps) for _ in range(count)]
     return np.stack(us).reshape(count, h), np.stack(vs).reshape(count, w)
+
+
+RECOVERY_STREAM = 2
+"""``recovery_uv`` draws from ``PCG64([seed, RECOVERY_STREAM])`` (init_extra_uv uses 1)."""
+
+
+def recovery_uv(h: int, w: int, seed: int | None, dtype="float32", eps: float = 1e-12):
+    """The unit vectors u, v restart from when a power-iteration step would make them zero
+    (an all-zero or underflowing W): drawn like :func:`init_uv` from
+    ``PCG64([seed, RECOVERY_STREAM])``, seed 0 for a layer registered without a seed. The same
+    pair every time, so a layer's recovery is deterministic and the same in every framework.
+    """
+    rng = np.random.Generator(np.random.PCG64([0 if seed is None else int(seed), RECOVERY_STREAM]))
+    return _draw_normalized(rng, h, dtype, eps), _draw_normalized(rng, w, dtype, eps)
 
 
 def _draw_normalized(rng: np.random.Generator, n: int, dtype, eps: float) -> np.ndarray:
@@ -468,30 +518,32 @@ def _orthogonalize(x: np.ndarray, basis: list[np.ndarray]) -> np.ndarray:
     return x
 
 
-def power_step(w_mat: np.ndarray, us: list, vs: list, order: str, eps: float):
+def power_step(w_mat: np.ndarray, us: list, vs: list, order: str, eps: float, recovery=None):
     """One power iteration on every (u_i, v_i) pair, in ``order``.
 
     Pair i is orthogonalized against pairs 0..i-1 (Gram-Schmidt, as BigGAN estimates several
     singular values), so pair 0 is the plain iteration. Returns the new lists and r, the norm
     of pair 0's last vector before normalization (||W^H u|| for "uv", ||W v|| for "vu"): the
     sigma estimate the tolerance stop compares. After the step u^H W v = r^2 / max(r, eps),
-    which is r whenever r >= eps.
+    which is r whenever r >= eps. ``recovery`` = (u, v) of :func:`recovery_uv`: pair 0's
+    vectors restart from them instead of becoming zero (see :func:`normalize`).
     """
     w_h = w_mat.conj().T
     new_us: list = []
     new_vs: list = []
     last_norm = None
     for u, v in zip(us, vs):
+        rec_u, rec_v = recovery if recovery is not None and not new_us else (None, None)
         if order == "uv":
-            u = normalize(_orthogonalize(w_mat @ v, new_us), eps)
+            u = normalize(_orthogonalize(w_mat @ v, new_us), eps, rec_u)
             last = _orthogonalize(w_h @ u, new_vs)
-            v = normalize(last, eps)
+            v = normalize(last, eps, rec_v)
         else:
-            v = normalize(_orthogonalize(w_h @ u, new_vs), eps)
+            v = normalize(_orthogonalize(w_h @ u, new_vs), eps, rec_v)
             last = _orthogonalize(w_mat @ v, new_us)
-            u = normalize(last, eps)
+            u = normalize(last, eps, rec_u)
         if last_norm is None:
-            last_norm = np.linalg.norm(last)
+            last_norm = safe_norm(last)
         new_us.append(u)
         new_vs.append(v)
     return new_us, new_vs, last_norm
@@ -507,7 +559,7 @@ def power_iteration(
     return us[0], vs[0]
 
 
-def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec):
+def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec, recovery=None):
     """The power iterations of one training forward; returns (us, vs, count).
 
     Fixed count: ``spec.n_power_iterations``. With ``atol``/``rtol``: at least
@@ -517,12 +569,12 @@ def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec):
     """
     if not spec.uses_tolerance:
         for _ in range(spec.n_power_iterations):
-            us, vs, _ = power_step(w_mat, us, vs, spec.order, spec.eps)
+            us, vs, _ = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
         return us, vs, spec.n_power_iterations
     previous = None
     count = 0
     while count < spec.max_iterations:
-        us, vs, estimate = power_step(w_mat, us, vs, spec.order, spec.eps)
+        us, vs, estimate = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
         count += 1
         if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
             break
@@ -550,7 +602,7 @@ def normalized_weight_grad(
     """
     scale = 1.0 if spec.coeff is None else spec.coeff
     if spec.is_exact_vector(weight.ndim):
-        norm = np.linalg.norm(weight)
+        norm = safe_norm(weight)
         if spec.divisor(max(norm, spec.eps)) == 1.0 and spec.coeff is not None:
             return grad
         if norm <= spec.eps:
@@ -560,9 +612,24 @@ def normalized_weight_grad(
     s = sigma(to_matrix(weight, dim), u, v)
     if spec.coeff is not None and spec.divisor(s) == 1.0:
         return grad
+    if spec.sigma_floored(s):
+        return grad / np.asarray(spec.eps, dtype=np.real(grad).dtype)  # W / eps: a constant divisor
     w_sn = weight / spec.divisor(s)
     rank_one = from_matrix(np.outer(u, v.conj()), weight.shape, dim)
     return (scale * grad - np.vdot(w_sn, grad) * rank_one) / np.conj(s)
+
+
+def check_finite_sigma(sigma) -> None:
+    """FloatingPointError when a power iteration meets a NaN or Inf, which happens exactly
+    when W holds one (every entry of W enters W v). Backends raise it before u, v change and
+    add which parameter of which layer: the built-ins would make u, v NaN for good, and every
+    later output NaN, without a word."""
+    if not np.isfinite(sigma):
+        raise FloatingPointError(
+            f"the weight holds NaN or Inf (power-iteration norm = {sigma}). u and v are left "
+            "as they were; fix the step that made the weight non-finite (a lower learning rate, "
+            "gradient clipping) or restore a checkpoint."
+        )
 
 
 class ReferenceSN:
@@ -579,10 +646,11 @@ class ReferenceSN:
 
     def __init__(
         self, weight: np.ndarray, dim: int, spec: Spec, u0=None, v0=None, training: bool = True,
-        extra_u0=None, extra_v0=None,
+        extra_u0=None, extra_v0=None, seed: int | None = None,
     ):
         check_weight_shape(weight.shape)
         self.spec = spec
+        self.recovery = None
         self.dim = canonical_dim(dim, weight.ndim)
         self.u: np.ndarray | None = None
         self.v: np.ndarray | None = None
@@ -598,6 +666,7 @@ class ReferenceSN:
             raise ValueError(f"u0, v0 must have shapes ({h},), ({w},)")
         self.u = np.array(u0, dtype=weight.dtype)
         self.v = np.array(v0, dtype=weight.dtype)
+        self.recovery = recovery_uv(h, w, seed, weight.dtype, spec.eps)
         if spec.num_svs > 1:
             k = spec.num_svs - 1
             if np.shape(extra_u0) != (k, h) or np.shape(extra_v0) != (k, w):
@@ -625,13 +694,13 @@ class ReferenceSN:
         us, vs = self._pairs()
         w_mat = to_matrix(weight, self.dim)
         for _ in range(n):
-            us, vs, _ = power_step(w_mat, us, vs, self.spec.order, self.spec.eps)
+            us, vs, _ = power_step(w_mat, us, vs, self.spec.order, self.spec.eps, self.recovery)
         self._store(us, vs)
 
     def sigma(self, weight: np.ndarray):
         """sigma from the stored u, v (the norm itself for an exact 1-D weight)."""
         if self.u is None:
-            return np.maximum(np.linalg.norm(weight), np.asarray(self.spec.eps, dtype=weight.real.dtype))
+            return np.maximum(safe_norm(weight), np.asarray(self.spec.eps, dtype=weight.real.dtype))
         return sigma(to_matrix(weight, self.dim), self.u, self.v)
 
     def singular_values(self, weight: np.ndarray) -> list:
@@ -645,10 +714,11 @@ class ReferenceSN:
     def forward(self, weight: np.ndarray, training: bool) -> np.ndarray:
         """The normalized weight, running the training iterations first in training mode."""
         if training and self.u is not None:
-            us, vs, self.last_iterations = training_iterations(
-                to_matrix(weight, self.dim), *self._pairs(), self.spec
-            )
+            w_mat = to_matrix(weight, self.dim)
+            us, vs, count = training_iterations(w_mat, *self._pairs(), self.spec, self.recovery)
+            check_finite_sigma(sigma(w_mat, us[0], vs[0]))
             self._store(us, vs)
+            self.last_iterations = count
         elif not training:
             self.last_iterations = 0
         return weight / self.spec.divisor(self.sigma(weight))

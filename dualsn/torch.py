@@ -282,15 +282,58 @@ class ConvOperator:
         return x.reshape(-1)
 
 
-def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float):
+def _reads_host(x: torch.Tensor) -> bool:
+    """Whether a scalar of ``x`` can be read on the host for free: CPU, eager, not under vmap."""
+    return x.device.type == "cpu" and not _is_compiling() and not _is_batched(x)
+
+
+def _safe_norm(x: torch.Tensor, check_finite: bool = False):
+    """(||x|| with keepdim, its value on the host or None): ``dualsn.spec.safe_norm``, no
+    overflow or underflow of the squared sum.
+
+    On the CPU the plain norm is read on the host and kept unless it is out of range (so the
+    result has F.normalize's bits), and ``check_finite`` raises FloatingPointError for a NaN
+    or Inf (``dualsn.spec.check_finite_sigma``). Elsewhere a host read would synchronize: the
+    norm is always taken of x / max|x|, and nothing is checked.
+    """
+    if _reads_host(x):
+        norm = torch.linalg.vector_norm(x, 2, 0, True)
+        value = norm.item()
+        if check_finite:
+            _spec.check_finite_sigma(value)
+        if value > _SQRT_TINY[norm.dtype] or not math.isfinite(value):
+            return norm, value
+        if value == 0 and not bool(x.any()):
+            return norm, 0.0
+    else:
+        value = None
+    scale = x.detach().abs().amax()  # a constant for autograd: s ||x / s|| has ||x||'s gradient
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = torch.linalg.vector_norm(x / scale, 2, 0, True) * scale
+    return norm, None if value is None else norm.item()
+
+
+_SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: torch.Tensor | None = None):
     """``out <- x / max(||x||, eps)``, in place; returns ``||x||`` and ``max(||x||, eps)``.
 
     The same operations as ``F.normalize(x, dim=0, eps=eps, out=out)``, so the result has
-    the same bits, but the norm is kept: it gives sigma (see :func:`power_iteration_`).
+    the same bits, but the norm is kept: it gives sigma (see :func:`power_iteration_`). An
+    x whose norm has underflowed gives ``recovery`` instead, when given
+    (``dualsn.spec.normalize``); a NaN
+    or Inf norm raises FloatingPointError on the CPU before ``out`` is written.
     """
-    norm = torch.linalg.vector_norm(x, 2, 0, True)
+    norm, value = _safe_norm(x, check_finite=True)
     denom = norm.clamp_min(eps)
-    torch.div(x, denom, out=out)
+    tiny = torch.finfo(norm.dtype).tiny
+    if recovery is None or value is not None and value >= tiny:
+        torch.div(x, denom, out=out)
+    elif value is not None:  # underflowed (zero included)
+        out.copy_(recovery)
+    else:
+        torch.where(norm < tiny, recovery, x / denom, out=out)
     return norm, denom
 
 
@@ -302,21 +345,23 @@ def _orthogonalize(x: torch.Tensor, basis) -> torch.Tensor:
     return x
 
 
-def _step(op, u, v, extra_u, extra_v, order: str, eps: float):
+def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, None)):
     """One power iteration on every (u, v) pair, in place: ``dualsn.spec.power_step``.
 
     ``op`` has ``mv`` (x -> M x) and ``mv_h`` (y -> M^H y) on flat vectors (a
     :class:`WeightMatrix` or a :class:`ConvOperator`). ``u``, ``v`` are pair 0; ``extra_u``,
     ``extra_v`` (rows = pairs 1, 2, ...; or None) are orthogonalized against the pairs before
-    them, so pair 0 is the plain iteration. Returns (norm, max(norm, eps)) of pair 0's last
-    vector before normalization, from which sigma is read (see :func:`power_iteration_`).
+    them, so pair 0 is the plain iteration. ``recovery`` = (u, v) pair 0 restarts from
+    instead of becoming zero. Returns (norm, max(norm, eps)) of pair 0's last vector before
+    normalization, from which sigma is read (see :func:`power_iteration_`).
     """
+    rec_u, rec_v = recovery
     if order == "uv":
-        _normalize_into(op.mv(v), u, eps)
-        last = _normalize_into(op.mv_h(u), v, eps)
+        _normalize_into(op.mv(v), u, eps, rec_u)
+        last = _normalize_into(op.mv_h(u), v, eps, rec_v)
     else:
-        _normalize_into(op.mv_h(u), v, eps)
-        last = _normalize_into(op.mv(v), u, eps)
+        _normalize_into(op.mv_h(u), v, eps, rec_v)
+        last = _normalize_into(op.mv(v), u, eps, rec_u)
     if extra_u is not None:
         for i in range(extra_u.shape[0]):
             # the new vectors of the pairs before this one (rows before i are updated already)
@@ -337,7 +382,7 @@ def _sigma_from_last(last) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _training_steps(op, vectors, spec: _spec.Spec):
+def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     """The power iterations of one training forward (``dualsn.spec.training_iterations``),
     in place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
@@ -349,12 +394,12 @@ def _training_steps(op, vectors, spec: _spec.Spec):
     if not spec.uses_tolerance:
         last = None
         for _ in range(spec.n_power_iterations):
-            last = _step(op, *vectors, spec.order, spec.eps)
+            last = _step(op, *vectors, spec.order, spec.eps, recovery)
         return _sigma_from_last(last), spec.n_power_iterations
     previous = None
     count = 0
     while count < spec.max_iterations:
-        last = _step(op, *vectors, spec.order, spec.eps)
+        last = _step(op, *vectors, spec.order, spec.eps, recovery)
         count += 1
         estimate = last[0].item()
         if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
@@ -392,58 +437,58 @@ def _sigma(weight: torch.Tensor, dim: int, u: torch.Tensor, v: torch.Tensor) -> 
     return torch.vdot(u, WeightMatrix(_upcast(weight), dim).mv(v))
 
 
-def _divisor(sigma: torch.Tensor, coeff: float | None) -> torch.Tensor:
-    """What the weight is divided by (``dualsn.spec.Spec.divisor``): sigma, or with ``coeff``
-    the soft bound sigma / coeff where Re(sigma) > coeff and 1 elsewhere. A tensor select,
-    not a Python branch: no host synchronization, and autograd follows the chosen side."""
+def _divisor(sigma: torch.Tensor, spec: _spec.Spec) -> torch.Tensor:
+    """What the weight is divided by (``dualsn.spec.Spec.divisor``): sigma (eps where it is
+    zero), or with ``coeff`` the soft bound sigma / coeff where Re(sigma) > coeff and 1
+    elsewhere. A tensor select, not a Python branch: no host synchronization, and autograd
+    follows the chosen side."""
+    coeff = spec.coeff
     if coeff is None:
-        return sigma
+        return torch.where(sigma == 0, torch.full_like(sigma, spec.eps), sigma)
     return torch.where(sigma.real > coeff, sigma / coeff, torch.ones_like(sigma))
 
 
-def weight_grad(grad, weight, sigma, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
+def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec) -> torch.Tensor:
     """dL/dW of W -> W / d, d = sigma = u^H W v (u, v constant), from G = dL/dW_sn:
 
         (G - <W_sn, G> u v^H) / conj(sigma),   <A, B> = sum(conj(A) * B)
 
     (``dualsn.spec.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
-    coeff): G / conj(d) - <W_sn, G> u v^H / conj(sigma); inactive (d = 1): G itself.
-    Computed in two passes over W: one dot product <W, G> (<W_sn, G> = <W, G> / conj(d)) and
-    one fused rank-1 update.
+    coeff): G / conj(d) - <W_sn, G> u v^H / conj(sigma); inactive (d = 1): G itself. A zero
+    sigma is floored (d = eps): G / eps. Computed in two passes over W: one dot product
+    <W, G> (<W_sn, G> = <W, G> / conj(d)) and one fused rank-1 update.
     """
+    coeff = spec.coeff
     mat = WeightMatrix(weight, dim)
     sigma_c = sigma.conj()
     dot = torch.vdot(weight.reshape(-1), grad.reshape(-1))
-    if grad.device.type == "cpu" and not _is_compiling() and not _is_batched(grad):
+    if _reads_host(grad):
         # Reading the scalars is free on the CPU, and BLAS then scales while it adds.
         s_c = sigma_c.item()
         if coeff is not None and not s_c.real > coeff:
             return grad  # the bound is inactive: W_sn = W
-        if s_c != 0:
-            d_c = s_c if coeff is None else s_c / coeff
-            return mat.add_rank1(grad, u, v, 1 / d_c, -dot.item() / (d_c * s_c))
+        if s_c == 0:
+            return grad / spec.eps  # the floored divisor is a constant
+        d_c = s_c if coeff is None else s_c / coeff
+        return mat.add_rank1(grad, u, v, 1 / d_c, -dot.item() / (d_c * s_c))
     # Elsewhere (CUDA, compiled code) a .item() would synchronize, and under vmap it fails:
-    # keep the scalars in tensors, at the price of a second pass. (Also sigma == 0: inf/nan,
-    # as tensors give.)
-    if coeff is None:
-        out = mat.add_rank1(grad, u * (-dot / sigma_c), v, 1, 1)
-        return out.div_(sigma_c)
-    # 1 / conj(sigma) where the bound is active, 0 (no rank-1 term) where it is not
-    k = torch.where(sigma.real > coeff, 1 / sigma_c, torch.zeros_like(sigma_c))
+    # keep the scalars in tensors, at the price of a second pass. k = 1 / conj(sigma) where
+    # there is a rank-1 term, 0 where there is none (sigma floored, or the bound inactive).
+    has_term = sigma != 0 if coeff is None else sigma.real > coeff
+    k = torch.where(has_term, 1 / sigma_c, torch.zeros_like(sigma_c))
     out = mat.add_rank1(grad, u * (-dot * k), v, 1, 1)
-    return out.div_(_divisor(sigma, coeff).conj())
+    return out.div_(_divisor(sigma, spec).conj())
 
 
-def _weight_grad_differentiable(grad, weight, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
+def _weight_grad_differentiable(grad, weight, u, v, dim: int, spec: _spec.Spec) -> torch.Tensor:
     """:func:`weight_grad` built from differentiable operations on W (sigma recomputed as
     u^H W v), for backward passes that record a graph (``create_graph=True``)."""
     mat = WeightMatrix(weight, dim)
     sigma = torch.vdot(u, mat.mv(v))
-    d = _divisor(sigma, coeff)
+    d = _divisor(sigma, spec)
     dot = torch.vdot((weight / d).reshape(-1), grad.reshape(-1))
-    if coeff is None:
-        return (grad - dot * mat.rank1(u, v)) / sigma.conj()
-    k = torch.where(sigma.real > coeff, 1 / sigma.conj(), torch.zeros_like(sigma))
+    has_term = sigma != 0 if spec.coeff is None else sigma.real > spec.coeff
+    k = torch.where(has_term, 1 / sigma.conj(), torch.zeros_like(sigma))
     return grad / d.conj() - (dot * k) * mat.rank1(u, v)
 
 
@@ -458,11 +503,11 @@ class _DivideBySigma(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, sigma, u, v, dim, coeff):
+    def forward(ctx, weight, sigma, u, v, dim, spec):
         ctx.save_for_backward(weight, sigma, u, v)
         ctx.dim = dim
-        ctx.coeff = coeff
-        return weight / _divisor(sigma, coeff)
+        ctx.spec = spec
+        return weight / _divisor(sigma, spec)
 
     @staticmethod
     def backward(ctx, grad):
@@ -471,24 +516,24 @@ class _DivideBySigma(torch.autograd.Function):
         with _no_autocast(grad.device.type):  # backward() may be called inside autocast
             weight, sigma, u, v = ctx.saved_tensors
             if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-                grad_w = _weight_grad_differentiable(grad, weight, u, v, ctx.dim, ctx.coeff)
+                grad_w = _weight_grad_differentiable(grad, weight, u, v, ctx.dim, ctx.spec)
             else:
-                grad_w = weight_grad(grad, weight, sigma, u, v, ctx.dim, ctx.coeff)
+                grad_w = weight_grad(grad, weight, sigma, u, v, ctx.dim, ctx.spec)
         return grad_w, None, None, None, None, None
 
 
-def _normalize_exact(weight: torch.Tensor, spec: _spec.Spec) -> torch.Tensor:
-    """An exactly normalized 1-D weight: W / max(||W||, eps), or W / divisor with ``coeff``."""
-    if spec.coeff is None:
-        return F.normalize(weight, dim=0, eps=spec.eps)
-    norm = torch.linalg.vector_norm(weight).clamp_min(spec.eps)
-    return weight / _divisor(norm, spec.coeff)
+def _normalize_exact(weight: torch.Tensor, spec: _spec.Spec, training: bool = False) -> torch.Tensor:
+    """An exactly normalized 1-D weight: W / max(||W||, eps) (F.normalize's operations, on a
+    norm that cannot overflow), or W / divisor with ``coeff``. A training forward raises
+    FloatingPointError for a NaN or Inf W (on the CPU)."""
+    norm = _safe_norm(weight, check_finite=training)[0].clamp_min(spec.eps)
+    return weight / (norm if spec.coeff is None else _divisor(norm, spec))
 
 
 @torch.no_grad()
 def _exact_sigma(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """sigma of an exactly normalized weight: max(||W||, eps)."""
-    return torch.linalg.vector_norm(_upcast(weight)).clamp_min(eps)
+    return _safe_norm(_upcast(weight))[0].clamp_min(eps).view(())
 
 
 def spectral_norm_forward(
@@ -514,22 +559,22 @@ def spectral_norm_forward(
         # carries the gradient through both casts.
         return spectral_norm_forward(weight.float(), u, v, dim, spec, training).to(weight.dtype)
     if spec.is_exact_vector(weight.ndim):
-        return _normalize_exact(weight, spec)
+        return _normalize_exact(weight, spec, training)
     if training:
         sigma, _ = _training_steps(WeightMatrix(weight, dim), (u, v, None, None), spec)
     else:
         sigma = _sigma(weight, dim, u, v)
-    return _divide(weight, sigma, u, v, dim, spec.coeff)
+    return _divide(weight, sigma, u, v, dim, spec)
 
 
-def _divide(weight, sigma, u, v, dim: int, coeff: float | None = None) -> torch.Tensor:
-    """W / sigma (W / divisor with ``coeff``), through :class:`_DivideBySigma` when autograd
-    records it."""
+def _divide(weight, sigma, u, v, dim: int, spec: _spec.Spec) -> torch.Tensor:
+    """W / divisor(sigma) (``dualsn.spec.Spec.divisor``), through :class:`_DivideBySigma` when
+    autograd records it."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return weight / _divisor(sigma, coeff)
+        return weight / _divisor(sigma, spec)
     # Clone u, v: a later forward updates the buffers in place, and this forward's backward
     # needs them as they are now (loss = D(real) - D(fake) runs two forwards, one backward).
-    return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim, coeff)
+    return _DivideBySigma.apply(weight, sigma, u.clone(), v.clone(), dim, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,7 +823,7 @@ def _seeded_extra_uv(h: int, w: int, count: int, seed: int, like: torch.Tensor, 
     return tuple(torch.from_numpy(a).to(device=like.device, dtype=dtype) for a in (us, vs))
 
 
-_STATE_BUFFERS = ("_u", "_v", "_u_extra", "_v_extra", "_sigma")
+_STATE_BUFFERS = ("_u", "_v", "_u_extra", "_v_extra", "_sigma", "_u_recovery", "_v_recovery")
 """The buffers a :class:`SpectralNorm` may hold (all in the compute dtype)."""
 
 
@@ -811,6 +856,8 @@ class SpectralNorm(nn.Module):
     iterations.
     """
 
+    owner = "the module"  # the default for modules pickled before it existed
+
     def __init__(
         self, weight: torch.Tensor, dim: int, spec: _spec.Spec, seed: int | None = None, track_sigma: bool = False
     ) -> None:
@@ -828,6 +875,7 @@ class SpectralNorm(nn.Module):
         shape) (None: exact normalization, no u, v), the extra pairs, and ``_sigma``."""
         spec = self.spec
         self.cache_eval = True
+        self.owner = "the module"  # named in errors; _register says which parameter of which module
         self.track_sigma = bool(track_sigma)
         self.last_iterations = 0
         self.last_sigma: torch.Tensor | None = None
@@ -856,6 +904,11 @@ class SpectralNorm(nn.Module):
                     u, v = draw(h), draw(w)
                     if k:
                         u_extra, v_extra = draw(k, h), draw(k, w)
+                # Non-persistent buffers (not in the state dict): they follow .to() and work
+                # under torch.compile, where drawing them with numpy could not run.
+                recovery = _spec.recovery_uv(h, w, seed, _spec.init_dtype(str(dtype)), spec.eps)
+                for name, x in zip(("_u_recovery", "_v_recovery"), recovery):
+                    self.register_buffer(name, torch.from_numpy(x).to(device=weight.device, dtype=dtype), persistent=False)
             u, v = u.view(shapes[0]), v.view(shapes[1])
             if k:
                 u_extra, v_extra = u_extra.view(k, *shapes[0]), v_extra.view(k, *shapes[1])
@@ -894,7 +947,7 @@ class SpectralNorm(nn.Module):
 
     def _divide_by(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """W / sigma (or the ``coeff`` divisor), differentiable in W with u, v constant."""
-        return _divide(weight, sigma, self._u, self._v, self.dim, self.spec.coeff)
+        return _divide(weight, sigma, self._u, self._v, self.dim, self.spec)
 
     def _plain_operator(self, weight: torch.Tensor) -> _PlainMatrix:
         """The operator of the plain path (:func:`plain_path`)."""
@@ -906,8 +959,9 @@ class SpectralNorm(nn.Module):
         if self._u is not None and n > 0:
             with torch.no_grad():
                 op, vectors = self._operator(_upcast(weight)), self._vectors()
+                recovery = self._recovery(vectors[0])
                 for _ in range(n):
-                    _step(op, *vectors, self.spec.order, self.spec.eps)
+                    _step(op, *vectors, self.spec.order, self.spec.eps, recovery)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         """sigma of ``weight`` from the current state, without iterating or recording grad.
@@ -974,14 +1028,32 @@ class SpectralNorm(nn.Module):
         attrs = self.__dict__  # last_iterations is a plain attribute: skip nn.Module.__setattr__
         if self._buffers["_u"] is None:
             attrs["last_iterations"] = 0
-            return _normalize_exact(weight, self.spec), None
+            return _normalize_exact(weight, self.spec, training), None
         if training:
-            sigma, attrs["last_iterations"] = _training_steps(self._operator(weight), self._vectors(), self.spec)
+            vectors = self._vectors()
+            sigma, attrs["last_iterations"] = _training_steps(
+                self._operator(weight), vectors, self.spec, self._recovery(vectors[0])
+            )
         else:
             sigma, attrs["last_iterations"] = self._sigma_of(weight), 0
         return self._divide_by(weight, sigma), sigma
 
+    def _recovery(self, like: torch.Tensor):
+        """(u, v) of ``dualsn.spec.recovery_uv`` for this norm's seed, flat: where a
+        power-iteration step restarts instead of making them zero. (None, None) for a module
+        pickled before they existed."""
+        b = self._buffers
+        if b.get("_u_recovery") is None:
+            return None, None
+        return b["_u_recovery"].to(like.dtype), b["_v_recovery"].to(like.dtype)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(weight)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"spectral norm of {self.owner}: {error}") from None
+
+    def _forward(self, weight: torch.Tensor) -> torch.Tensor:
         if _plain:
             return self._plain_forward(weight)
         cache = self._cache
@@ -1045,7 +1117,7 @@ class SpectralNorm(nn.Module):
             # autograd needs a graph from W: reuse sigma only
             return self._divide_by(weight, cache.sigma), cache.sigma
         with torch.inference_mode(False), torch.no_grad():
-            out = weight / _divisor(cache.sigma, self.spec.coeff)
+            out = weight / _divisor(cache.sigma, self.spec)
         cache.set_output(out)
         return out, cache.sigma
 
@@ -1142,13 +1214,12 @@ class SpectralNormConv(SpectralNorm):
             return torch.vdot(self._u.view(-1), self._operator(_upcast(weight)).mv(self._v.view(-1)))
 
     def _divide_by(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        coeff = self.spec.coeff
         if not (torch.is_grad_enabled() and weight.requires_grad):
-            return weight / _divisor(sigma, coeff)
+            return weight / _divisor(sigma, self.spec)
         # sigma = u^H conv(v, W) recorded by autograd (the gradient of W -> W / sigma(W)),
         # from clones of u, v: later forwards update the buffers in place.
         u, v = self._u.reshape(-1).clone(), self._v.reshape(-1).clone()
-        return weight / _divisor(torch.vdot(u, self._operator(weight).mv(v)), coeff)
+        return weight / _divisor(torch.vdot(u, self._operator(weight).mv(v)), self.spec)
 
     def extra_repr(self) -> str:
         g, s = self.geometry, self.spec
@@ -1309,7 +1380,11 @@ def _target_weight(module: nn.Module, name: str, stackable: bool = False) -> tor
 def _register(module: nn.Module, name: str, weight: torch.Tensor, parametrization: SpectralNorm) -> nn.Module:
     """Registration proper, once everything is validated: the registration iterations, the
     parametrization, the kept sigma."""
-    parametrization.iterate(weight, parametrization.spec.registration_iterations(module.training))
+    parametrization.owner = f"{name!r} in {type(module).__name__}"
+    try:
+        parametrization.iterate(weight, parametrization.spec.registration_iterations(module.training))
+    except FloatingPointError as error:
+        raise FloatingPointError(f"spectral norm of {parametrization.owner}: {error}") from None
     # unsafe=True: register_parametrization would otherwise evaluate the parametrization once
     # (one more iteration in training mode); registration_iterations already counts that.
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)

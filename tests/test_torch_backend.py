@@ -599,7 +599,7 @@ def test_fused_weight_grad_equals_reference(dtype, shape, dim, tensor_scalars, m
     u_np, v_np = random_array(h, dtype, 7), random_array(w, dtype, 8)  # not singular vectors
     weight, u, v = (torch.from_numpy(a) for a in (w_np, u_np, v_np))
     sigma = torch.vdot(u, torch.from_numpy(spec.to_matrix(w_np, dim)) @ v)
-    grad = dt.weight_grad(torch.from_numpy(g_np), weight, sigma, u, v, dim)
+    grad = dt.weight_grad(torch.from_numpy(g_np), weight, sigma, u, v, dim, sp)
     expected = spec.normalized_weight_grad(g_np, w_np, u_np, v_np, dim, sp)
     np.testing.assert_allclose(np_(grad), expected, rtol=1e-12, atol=1e-14)
     leaf = weight.clone().requires_grad_()

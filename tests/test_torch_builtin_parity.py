@@ -118,7 +118,8 @@ def test_parametrization_structure_matches_builtin():
     assert "original" in plist._parameters
     assert isinstance(plist.original, nn.Parameter) and plist.original.requires_grad
     # u and v are buffers, sized by the W-matrix (7 x 5)
-    assert set(sn._buffers) == {"_u", "_v"}
+    assert set(sn._buffers) - sn._non_persistent_buffers_set == {"_u", "_v"}  # the state
+    assert sn._non_persistent_buffers_set == {"_u_recovery", "_v_recovery"}  # constants of dualsn's own
     assert sn._u.shape == (7,) and sn._v.shape == (5,)
     torch.testing.assert_close(torch.linalg.vector_norm(sn._u).item(), 1.0, **TIGHT)
     torch.testing.assert_close(torch.linalg.vector_norm(sn._v).item(), 1.0, **TIGHT)
