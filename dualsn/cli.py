@@ -31,8 +31,19 @@ Exit codes: 0 success; 1 ``port --check`` or ``demo`` found a difference above `
 file (SRC, ``--checkpoint``) does not exist; 4 it is not a checkpoint this tool can read
 (unknown or wrong format, or content it refuses); 5 a factory cannot be imported or called, or
 does not return a model; 6 the checkpoint does not fit the model; 7 DST exists (pass
-``--overwrite``); 8 an optional dependency is missing (a framework, or matplotlib for
-``--plot``): the message names the ``pip install "dualsn[...]"`` extra.
+``--overwrite``), also when it appeared while DST was being written; 8 an optional dependency
+is missing (a framework, or matplotlib for ``--plot``): the message names the ``pip install
+"dualsn[...]"`` extra; 9 DST (or the --plot file) cannot be written (a read-only directory, a
+full disk): one line says why, and DST is left as it was. Every error is one message on
+stderr, with control characters escaped.
+
+The working directory is not on ``sys.path`` while a command runs (``python -m`` puts it
+first): a ``paddle.py`` or ``torch.py`` there cannot stand in for the installed package. The
+module named by ``--model``/``--source-model``/``--input-fn`` is imported from the working
+directory only if no installed module has its name; the working directory is then searched
+last. (``python -m dualsn`` itself imports ``dualsn`` and numpy from the working directory if
+it holds them, before this code runs: in a folder you do not trust, run ``dualsn``, or
+``python -P -m dualsn``.)
 
 Neither framework is imported until a subcommand needs one. New subcommands register
 themselves in :func:`build_parser` with an ``add_<name>_parser`` function.
@@ -41,8 +52,10 @@ themselves in :func:`build_parser` with an ``add_<name>_parser`` function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -55,6 +68,7 @@ EXIT_FACTORY = 5
 EXIT_MISMATCH = 6
 EXIT_EXISTS = 7
 EXIT_MISSING = 8
+EXIT_WRITE = 9
 
 # Checkpoints with at least this many elements get a progress bar (on a terminal).
 PROGRESS_MIN_ELEMENTS = 16 * 2**20
@@ -73,23 +87,99 @@ class CLIError(Exception):
 # Shared helpers
 
 
+def terminal_text(text: str, keep_newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: characters Python does not print (control
+    characters such as ESC and CR, DEL, C1 controls, bidirectional overrides) are written as
+    escapes (``\\x1b``, ``\\r``, ``\\u202e``). With ``keep_newlines`` newlines stay."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or (keep_newlines and c == "\n") else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
+def _is_working_directory(entry: str, cwd: str | None) -> bool:
+    if entry in ("", "."):
+        return True
+    try:
+        return cwd is not None and os.path.realpath(entry) == cwd
+    except (OSError, ValueError):
+        return False
+
+
+def _cwd() -> str | None:
+    try:
+        return os.path.realpath(os.getcwd())
+    except OSError:  # removed meanwhile
+        return None
+
+
+@contextlib.contextmanager
+def _working_directory_off_path():
+    """Run a command with no working-directory entry on ``sys.path`` (see the module
+    docstring); the embedding process gets its ``sys.path`` back afterwards."""
+    cwd = _cwd()
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not _is_working_directory(p, cwd)]
+    try:
+        yield
+    finally:
+        added = [p for p in sys.path if p not in saved and not _is_working_directory(p, cwd)]
+        sys.path[:] = saved + added
+
+
+def _local_module_file(top: str) -> str | None:
+    """``top.py`` or ``top/__init__.py`` in the working directory, if there is one."""
+    if not top.isidentifier():
+        return None
+    for candidate in (top + ".py", os.path.join(top, "__init__.py")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _installed(top: str) -> bool:
+    """Whether ``top`` is importable without the working directory (or already imported)."""
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import_named(module_name: str) -> tuple[object, str]:
+    """Import the module a user named, and a hint for error messages. An installed module
+    always wins over a file of the same name in the working directory; a module found nowhere
+    else is imported from the working directory, which is then searched last."""
+    top = module_name.partition(".")[0]
+    local = _local_module_file(top)
+    if local is not None and not _installed(top) and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    module = importlib.import_module(module_name)
+    origin = getattr(sys.modules.get(top), "__file__", None)
+    hint = ""
+    if local is not None and (origin is None or os.path.realpath(origin) != os.path.realpath(local)):
+        hint = f" ({local} in the working directory was not imported: an installed module has that name)"
+    return module, hint
+
+
 def resolve(spec: str, option: str):
     """The object named by ``pkg.module:attr`` (``attr`` may be dotted)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CLIError(EXIT_USAGE, f"{option} {spec!r}: expected the form pkg.module:factory")
-    # As `python -m` does: the user's own modules in the working directory are importable.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    hint = ""
     try:
-        obj = importlib.import_module(module_name)
+        obj, hint = _import_named(module_name)
     except Exception as e:  # ImportError, or anything the module raises while importing
         raise CLIError(
             EXIT_FACTORY, f"{option} {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}"
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CLIError(EXIT_FACTORY, f"{option} {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise CLIError(EXIT_FACTORY, f"{option} {spec!r}: {module_name!r} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise CLIError(EXIT_FACTORY, f"{option} {spec!r}: {attr!r} is not callable")
@@ -147,6 +237,8 @@ def add_port_parser(subparsers) -> None:
                    help="tolerate missing and unexpected tensors (shapes and dtypes must still fit)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor lines")
+    p.add_argument("--allow-degenerate", action="store_true",
+                   help="load NaN/Inf values and all-zero u, v (refused by default)")
     p.set_defaults(run=run_port)
 
 
@@ -179,10 +271,10 @@ def _describe(entry) -> tuple[str, str, str, str, str]:
     layout = "transposed" if entry.transposed else ("reshaped" if entry.note.startswith("reshaped") else "as-is")
     sn = f"sn {entry.sn}" if entry.sn else "-"
     if entry.source_key is not None:
-        origin = f"<- {entry.source_key}"
+        origin = f"<- {terminal_text(entry.source_key)}"
     else:
-        origin = f"({entry.note})"
-    return entry.key, shape, layout, sn, origin
+        origin = f"({terminal_text(entry.note)})"
+    return terminal_text(entry.key), shape, layout, sn, origin
 
 
 def _print_table(rows, out) -> None:
@@ -265,6 +357,76 @@ def _check(source_model, target, args, out) -> bool:
     return ok
 
 
+def _checkpoint_format(path: str) -> str:
+    """The format of the checkpoint ``path``, or a CLIError (exit 3 or 4)."""
+    from dualsn import port
+
+    if not os.path.exists(path):
+        raise CLIError(EXIT_NO_FILE, f"{path}: no such file")
+    try:
+        return port.detect_format(path)
+    except port.CheckpointError as e:
+        raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
+    except FileNotFoundError:
+        raise CLIError(EXIT_NO_FILE, f"{path}: no such file") from None
+    except OSError as e:
+        raise CLIError(EXIT_BAD_FORMAT, f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def _read_checkpoint(path: str) -> dict:
+    """The checkpoint ``path`` as a flat state dict (nested keys joined with dots)."""
+    from dualsn import port
+
+    try:
+        return port.flatten_state_dict(port.load_checkpoint(path))
+    except port.CheckpointError as e:
+        raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
+    except FileNotFoundError:
+        raise CLIError(EXIT_NO_FILE, f"{path}: no such file") from None
+    except ValueError as e:  # flatten_state_dict
+        raise CLIError(EXIT_BAD_FORMAT, f"{path}: {e}") from None
+    except OSError as e:
+        raise CLIError(EXIT_BAD_FORMAT, f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def _save(state, path: str, framework: str, overwrite: bool) -> None:
+    """save_checkpoint, with its errors as CLIErrors: DST exists (7), cannot be written (9)."""
+    from dualsn import port
+
+    try:
+        port.save_checkpoint(state, path, framework, overwrite=overwrite)
+    except FileExistsError as e:
+        raise CLIError(EXIT_EXISTS, str(e)) from None
+    except OSError as e:
+        raise CLIError(EXIT_WRITE, f"cannot write {path}: {e.strerror or e}; nothing was written") from None
+
+
+def _port_from_source_model(args, state, source_fw, target, progress):
+    """Load SRC into the --source-model, then port that model to the target (layouts known)."""
+    from dualsn import port
+
+    source_model = build_model(args.source_model, "--source-model")
+    model_fw = port.framework_of(source_model)
+    if model_fw != source_fw:
+        raise CLIError(
+            EXIT_USAGE,
+            f"{args.src} is a {source_fw} checkpoint but --source-model builds a {model_fw} model",
+        )
+    try:
+        first = port.load_state_dict(source_model, state, source=source_fw,
+                                     allow_degenerate=args.allow_degenerate)
+    except port.PortError as e:
+        raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --source-model: {e}") from None
+    report = port.port_model(source_model, target, strict=args.strict, progress=progress,
+                             allow_degenerate=args.allow_degenerate)
+    # Name each tensor's origin in SRC, not in the intermediate source model.
+    in_src = {e.key: e.source_key for e in first.entries}
+    report.entries = [
+        dataclasses.replace(e, source_key=in_src.get(e.source_key, e.source_key)) for e in report.entries
+    ]
+    return source_model, report
+
+
 def run_port(args) -> int:
     from dualsn import port
 
@@ -273,14 +435,9 @@ def run_port(args) -> int:
         raise CLIError(EXIT_USAGE, "--check needs --source-model (the model SRC belongs to)")
     if args.check and not (args.input_shape or args.input_fn):
         raise CLIError(EXIT_USAGE, "--check needs --input-shape or --input-fn")
-    if not os.path.isfile(args.src):
-        raise CLIError(EXIT_NO_FILE, f"{args.src}: no such file")
-    if os.path.exists(args.dst) and not args.overwrite:
+    source_fw = _checkpoint_format(args.src)
+    if os.path.lexists(args.dst) and not args.overwrite:
         raise CLIError(EXIT_EXISTS, f"{args.dst} exists; pass --overwrite to replace it")
-    try:
-        source_fw = port.detect_format(args.src)
-    except port.CheckpointError as e:
-        raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
 
     target = build_model(args.model, "--model")
     target_fw = port.framework_of(target)
@@ -292,57 +449,35 @@ def run_port(args) -> int:
         good = " or ".join(port.TORCH_SUFFIXES if target_fw == "torch" else port.PADDLE_SUFFIXES)
         raise CLIError(EXIT_USAGE, f"{args.dst}: the target is a {target_fw} model: name DST {good}")
 
-    try:
-        state = port.load_checkpoint(args.src)
-    except port.CheckpointError as e:
-        raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
+    state = _read_checkpoint(args.src)
     progress = _progress(state)
-
     source_model = None
     try:
         if args.source_model:
-            source_model = build_model(args.source_model, "--source-model")
-            model_fw = port.framework_of(source_model)
-            if model_fw != source_fw:
-                raise CLIError(
-                    EXIT_USAGE,
-                    f"{args.src} is a {source_fw} checkpoint but --source-model builds a {model_fw} model",
-                )
-            try:
-                first = port.load_state_dict(source_model, state, source=source_fw)
-            except port.PortError as e:
-                raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --source-model: {e}") from None
-            report = port.port_model(source_model, target, strict=args.strict, progress=progress)
-            # Name each tensor's origin in SRC, not in the intermediate source model.
-            in_src = {e.key: e.source_key for e in first.entries}
-            report.entries = [
-                dataclasses.replace(e, source_key=in_src.get(e.source_key, e.source_key))
-                for e in report.entries
-            ]
+            source_model, report = _port_from_source_model(args, state, source_fw, target, progress)
         else:
-            report = port.load_state_dict(
-                target, state, source=source_fw, strict=args.strict, progress=progress
-            )
+            report = port.load_state_dict(target, state, source=source_fw, strict=args.strict,
+                                          progress=progress, allow_degenerate=args.allow_degenerate)
     except port.PortError as e:
         raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --model: {e}") from None
 
     if not args.quiet:
         _print_table([_describe(e) for e in report.entries], out)
     for key in report.missing:
-        print(f"warning: {key} not in the source: left as the model built it", file=out)
+        print(f"warning: {terminal_text(key)} not in the source: left as the model built it", file=out)
     for key in report.unexpected:
-        print(f"warning: {key} in the source has no place in the target: skipped", file=out)
+        print(f"warning: {terminal_text(key)} in the source has no place in the target: skipped", file=out)
 
     if args.check and not _check(source_model, target, args, out):
-        print(f"{args.dst} not written", file=out)
+        print(f"{terminal_text(args.dst)} not written", file=out)
         return EXIT_CHECK_FAILED
 
-    port.save_checkpoint(port._adapter(target_fw).state(target), args.dst, target_fw, overwrite=args.overwrite)
+    _save(port._adapter(target_fw).state(target), args.dst, target_fw, args.overwrite)
     n_t = sum(e.transposed for e in report.entries)
     n_sn = sum(bool(e.sn) for e in report.entries)
     print(
-        f"wrote {args.dst} ({target_fw}) from {args.src} ({source_fw}): {len(report.entries)} "
-        f"tensors, {n_t} transposed, {n_sn} spectral-norm tensors",
+        f"wrote {terminal_text(args.dst)} ({target_fw}) from {terminal_text(args.src)} ({source_fw}): "
+        f"{len(report.entries)} tensors, {n_t} transposed, {n_sn} spectral-norm tensors",
         file=out,
     )
     return EXIT_OK
@@ -417,6 +552,8 @@ def add_report_parser(subparsers) -> None:
     p.add_argument("--plot", metavar="FILE.png",
                    help="also draw the estimate vs exact over power iterations, per layer (needs matplotlib)")
     p.add_argument("--iterations", type=int, default=30, help="power iterations in the plot (default 30)")
+    p.add_argument("--allow-degenerate", action="store_true",
+                   help="load a --checkpoint with NaN/Inf values or all-zero u, v (refused by default)")
     p.set_defaults(run=run_report)
 
 
@@ -430,15 +567,12 @@ def run_report(args) -> int:
             raise CLIError(EXIT_MISSING, '--plot needs matplotlib: pip install "dualsn[plot]"')
         if args.iterations < 1:
             raise CLIError(EXIT_USAGE, f"--iterations {args.iterations}: expected an integer >= 1")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise CLIError(EXIT_NO_FILE, f"{args.checkpoint}: no such file")
+    source_fw = _checkpoint_format(args.checkpoint) if args.checkpoint is not None else None
     model = build_model(args.model, "--model")
     if args.checkpoint is not None:
+        state = _read_checkpoint(args.checkpoint)
         try:
-            state = port.load_checkpoint(args.checkpoint)
-            port.load_state_dict(model, state, source=port.detect_format(args.checkpoint))
-        except port.CheckpointError as e:
-            raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
+            port.load_state_dict(model, state, source=source_fw, allow_degenerate=args.allow_degenerate)
         except port.PortError as e:
             raise CLIError(EXIT_MISMATCH, f"{args.checkpoint} does not fit --model: {e}") from None
     result = report.report(model)
@@ -446,8 +580,11 @@ def run_report(args) -> int:
     if args.plot is not None:
         if not result.layers:
             raise CLIError(EXIT_USAGE, "--plot: the model has no spectral norm to plot")
-        result.plot(args.plot, iterations=args.iterations)
-        print(f"wrote {args.plot}")
+        try:
+            result.plot(args.plot, iterations=args.iterations)
+        except OSError as e:
+            raise CLIError(EXIT_WRITE, f"cannot write {args.plot}: {e.strerror or e}") from None
+        print(f"wrote {terminal_text(args.plot)}")
     return EXIT_OK
 
 
@@ -574,9 +711,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with _working_directory_off_path():
+            return args.run(args)
     except CLIError as e:
-        print(f"dualsn {args.command}: error: {e.message}", file=sys.stderr)
+        print(f"dualsn {args.command}: error: {terminal_text(e.message, keep_newlines=True)}", file=sys.stderr)
         return e.code
 
 

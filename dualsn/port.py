@@ -29,8 +29,12 @@ state dict, and converts it for the target layer's type:
   the activation shapes of one output / input sample, the same in both frameworks, and cross
   unchanged; a convolution norm never pairs with a matrix norm (the "dim" check refuses it).
 
-Loading is transactional: every pair is checked first (missing, unexpected, shape, dtype) and
-one :class:`PortError` lists every problem; when it is raised the target is unchanged.
+Loading is transactional: every pair is checked first (missing, unexpected, shape, dtype, the
+spectral norm's axis), every source value is converted to the array that will be copied (byte
+order, strides, sparse layout) or refused (meta tensors, Python objects, and by default NaN/Inf
+values and all-zero u, v), and one :class:`PortError` lists every problem; when it is raised
+the target is unchanged. Nested state dicts are flattened with dotted keys
+(:func:`flatten_state_dict`).
 
 :func:`torch_to_paddle` and :func:`paddle_to_torch` port between two live models, where each
 source Linear's layout (and each spectral norm's dim) is known exactly. For a raw state dict,
@@ -39,18 +43,26 @@ decide; shape checks catch a mismatch.
 
 :func:`load_checkpoint` reads ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``) and
 ``.pdparams`` files (a restricted unpickler: nothing from the file is executed) without running
-code from them; :func:`save_checkpoint` writes atomically.
+code from them: regular files only, the format decided by the content, never more tensor data
+than the file's size, nested containers returned as written. :func:`save_checkpoint` writes
+atomically, never replaces a file created meanwhile unless told to, and honours the umask.
 
 This module imports neither framework at import time.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import collections
+import errno
+import math
 import os
 import pickle
 import re
+import secrets
+import stat
 import sys
-import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -64,6 +76,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "detect_format",
+    "flatten_state_dict",
     "framework_of",
     "Entry",
     "PortReport",
@@ -438,8 +451,8 @@ def _join(prefix: str, local: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning: decide, for every target tensor, where it comes from and how, and collect every
-# problem, before anything is written.
+# Planning: decide, for every target tensor, where it comes from and how, convert every source
+# value it needs, and collect every problem, before anything is written.
 
 
 @dataclass
@@ -450,13 +463,21 @@ class _Step:
     synth_from: str | None = None  # u, v (extra rows) of a matrix-mode 1-D norm, from an exact norm's W
     eps: float = 1e-12
     sigma_of: tuple[Any, str] | None = None  # (layer, param): a _sigma computed after loading
+    array: np.ndarray | None = None  # what the write phase copies into ``target``, prepared in the plan
+
+
+DEGENERATE_HINT = (
+    "refused (pass allow_degenerate=True, or --allow-degenerate on the command line, to load it anyway)"
+)
 
 
 class _Planner:
-    """Decides, for every target tensor, which source tensor fills it and how, and collects
-    every problem on the way. Reads both sides; writes nothing."""
+    """Decides, for every target tensor, which source tensor fills it and how, converts that
+    source value to the array the write phase copies, and collects every problem on the way.
+    Reads both sides; writes nothing."""
 
-    def __init__(self, target, state_dict: Mapping[str, Any], source: str, source_layouts, source_dims):
+    def __init__(self, target, state_dict: Mapping[str, Any], source: str, source_layouts, source_dims,
+                 allow_degenerate: bool = False):
         self.target_fw = framework_of(target)
         self.adapter = _adapter(self.target_fw)
         self.target_state = self.adapter.state(target)
@@ -465,6 +486,7 @@ class _Planner:
         self.source = source
         self.source_layouts = source_layouts  # prefix -> Linear layout; None: native layouts
         self.source_dims = source_dims  # (prefix, param) -> spectral-norm dim; None: unknown
+        self.allow_degenerate = allow_degenerate
         self.steps: list[_Step] = []
         self.problems: list[str] = []
         self.missing: list[tuple[str, str]] = []  # (key, message)
@@ -482,11 +504,15 @@ class _Planner:
             s_layout = _NATIVE_LINEAR[self.source]
         else:  # a layer that is no Linear in the source model keeps the target's layout
             s_layout = self.source_layouts.get(prefix, t_layout)
+        first = len(self.steps)
         for local, key in t_locals.items():
-            self._tensor(prefix, layer, kind, t_layout != s_layout, local, key, t_locals, s_locals)
+            self._tensor(prefix, layer, kind, (t_layout, s_layout), local, key, t_locals, s_locals)
         self._leftovers(kind, t_locals, s_locals)
+        if self.source_dims is None and layer is not None:  # a raw state dict: dims unknown
+            self._check_orientations(prefix, layer, kind, t_layout, self.steps[first:])
 
-    def _tensor(self, prefix, layer, kind, layouts_differ, local, key, t_locals, s_locals) -> None:
+    def _tensor(self, prefix, layer, kind, layouts, local, key, t_locals, s_locals) -> None:
+        t_layout, s_layout = layouts
         tensor = self.target_state[key]
         if not _is_tensor(tensor):  # e.g. a torch module's get_extra_state()
             self.problems.append(f"{key!r} in the target is a {type(tensor).__name__}, not a tensor")
@@ -499,7 +525,7 @@ class _Planner:
         param, role = sn if sn else (local, "")
         s_param = _rename(param, kind, self.source, self.target_fw)
         transposed = (kind == "linear" and param == "weight" and role in ("", "original")
-                      and layouts_differ and len(shape) == 2)
+                      and t_layout != s_layout and len(shape) == 2)
 
         s_sn = _sn_keys(s_locals, s_param)
         if role == "":
@@ -517,6 +543,11 @@ class _Planner:
         if not _is_tensor(value):
             self.problems.append(f"{source_key!r} is a {type(value).__name__}, not a tensor")
             return
+        if _is_meta(tensor):
+            self.problems.append(f"{key!r} in the target is a meta tensor, which has no storage to "
+                                 "load into: materialize the model first, e.g. model.to_empty(device='cpu')")
+            return
+        problems_before = len(self.problems)
         s_shape = _shape(value)
         expected = tuple(reversed(s_shape)) if transposed and len(s_shape) == 2 else s_shape
         reshape = (param in _RESHAPED.get(kind, ()) and role in ("", "original")
@@ -533,15 +564,38 @@ class _Planner:
         self._check_dtype(key, tensor, source_key, value)
         if role == "original" and info and self.source_dims and (prefix, s_param) in self.source_dims:
             s_dim = self.source_dims[(prefix, s_param)]
-            if info[0] != ((1 - s_dim) if (transposed and s_dim is not None) else s_dim):
-                self.problems.append(
-                    f"spectral norm of {_join(prefix, param)!r} is taken {_describe_dim(info[0])} in "
-                    f"the target but {_describe_dim(s_dim)} in the source"
-                    f"{' (a transposed Linear weight)' if transposed else ''}: u and v would not fit"
-                )
+            fitting = (1 - s_dim) if (transposed and s_dim is not None) else s_dim
+            if info[0] != fitting:
+                self.problems.append(_dim_mismatch(_join(prefix, param), kind, (t_layout, info[0]),
+                                                   (s_layout, s_dim), fitting))
         note = f"reshaped {list(s_shape)} -> {list(shape)}" if reshape else ""
         entry = Entry(key, source_key, shape, transposed, role, param if role else "", note)
-        self.steps.append(_Step(entry, tensor, reshape=reshape))
+        step = _Step(entry, tensor, reshape=reshape)
+        if len(self.problems) == problems_before:  # it fits: convert it now, before any write
+            step.array = self._prepared(step, value)
+        self.steps.append(step)
+
+    def _prepared(self, step: _Step, value) -> np.ndarray | None:
+        """The array the write phase copies for ``step`` (in the target's layout), or None after
+        recording why the source value cannot be loaded."""
+        source_key = step.entry.source_key
+        try:
+            array = _source_numpy(value)
+        except _Unloadable as e:
+            self.problems.append(f"{source_key!r} {e}")
+            return None
+        except Exception as e:  # noqa: BLE001 - anything a framework raises while converting
+            self.problems.append(f"{source_key!r} cannot be converted: {type(e).__name__}: {e}")
+            return None
+        why = None if self.allow_degenerate else _degenerate(array, step.entry.sn)
+        if why is not None:
+            self.problems.append(f"{source_key!r}: {why}; {DEGENERATE_HINT}")
+            return None
+        if step.entry.transposed:
+            array = array.T
+        if step.reshape:
+            array = array.reshape(step.entry.shape)
+        return array
 
     def _check_dtype(self, key, tensor, source_key, value) -> None:
         t_dtype, s_dtype = _dtype_name(tensor), _dtype_name(value)
@@ -552,6 +606,22 @@ class _Planner:
                 f"dtype mismatch for {key!r}: the target has {t_dtype}, the source {source_key!r} "
                 f"has {s_dtype}"
             )
+
+    def _check_orientations(self, prefix, layer, kind, layout, steps: list[_Step]) -> None:
+        """Refuse u, v that belong to the transposed W-matrix of a square weight: the source
+        normalized it along its other axis, which no shape check can see. After a power
+        iteration u = N(W v) (and v = N(W^H u)) hold for the matrix they were computed with."""
+        loaded: dict[str, dict[str, np.ndarray]] = {}
+        for step in steps:
+            if step.entry.sn in ("original", "u", "v") and step.array is not None and step.synth_from is None:
+                loaded.setdefault(step.entry.param, {})[step.entry.sn] = step.array
+        for param, arrays in loaded.items():
+            info = self.adapter.sn_info(layer, param)
+            if len(arrays) < 3 or info is None or info[0] is None:
+                continue
+            fits = _orientation_fits(arrays["original"], info[0], arrays["u"], arrays["v"], info[1])
+            if fits is not None and _transposed_fits_better(*fits):
+                self.problems.append(_orientation_problem(_join(prefix, param), kind, layout, info[0], fits))
 
     def _no_source(self, prefix, kind, local, key, tensor, param, s_param, role, info, s_sn) -> None:
         """A target tensor with no source tensor: kept, computed, or missing."""
@@ -571,7 +641,9 @@ class _Planner:
             if n is not None and shape == fits and _dtype_name(w) == _dtype_name(tensor):
                 entry = Entry(key, None, shape, sn=role, param=param,
                               note=f"fixed point of the exact norm of {w_key}")
-                self.steps.append(_Step(entry, tensor, synth_from=w_key, eps=info[1]))
+                step = _Step(entry, tensor, synth_from=w_key, eps=info[1])
+                step.array = self._fixed_point(step, w)
+                self.steps.append(step)
                 return
         if role == "sigma" and "original" in s_sn and info:
             # The target tracks sigma and the source does not: sigma of the loaded state.
@@ -584,6 +656,20 @@ class _Planner:
         elif role == "" and s_sn:
             hint = f" (the source has spectral norm on {_join(prefix, s_param)!r}; the target has none)"
         self.missing.append((key, f"missing in the source: {key!r}{hint}"))
+
+    def _fixed_point(self, step: _Step, w) -> np.ndarray | None:
+        """u, v (extra rows) at the fixed point of the exact norm of the 1-D weight ``w``."""
+        try:
+            w = _source_numpy(w)
+        except Exception as e:  # noqa: BLE001 - the weight's own step records the problem
+            if not isinstance(e, _Unloadable):
+                self.problems.append(f"{step.synth_from!r} cannot be converted: {type(e).__name__}: {e}")
+            return None
+        if step.entry.sn in _EXTRA_ROLES:
+            return np.zeros(step.entry.shape, dtype=w.dtype)
+        if step.entry.sn == "v":
+            return np.ones(1, dtype=w.dtype)
+        return (w / np.maximum(np.linalg.norm(w), np.asarray(step.eps, dtype=w.real.dtype))).astype(w.dtype)
 
     def _leftovers(self, kind, t_locals, s_locals) -> None:
         """Source tensors of this layer that are rightly left out (the rest is unexpected)."""
@@ -612,41 +698,185 @@ def _is_1d_state(role: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == (2 if role in _EXTRA_ROLES else 1)
 
 
-def _source_array(step: _Step, state_dict) -> np.ndarray:
-    if step.synth_from is not None:
-        w = _to_numpy(state_dict[step.synth_from])
-        if step.entry.sn in _EXTRA_ROLES:
-            return np.zeros(step.entry.shape, dtype=w.dtype)
-        if step.entry.sn == "v":
-            return np.ones(1, dtype=w.dtype)
-        return (w / np.maximum(np.linalg.norm(w), np.asarray(step.eps, dtype=w.real.dtype))).astype(w.dtype)
-    array = _to_numpy(state_dict[step.entry.source_key])
-    if step.entry.transposed:
-        array = array.T
-    if step.reshape:
-        array = array.reshape(step.entry.shape)
+# ---------------------------------------------------------------------------------------------
+# Converting source values (plan phase): every conversion that can fail happens here.
+
+
+class _Unloadable(ValueError):
+    """A source value that holds no data the target could take (the message completes the key)."""
+
+
+def _is_meta(x) -> bool:
+    device = getattr(x, "device", None)
+    return type(x).__module__.startswith("torch") and getattr(device, "type", None) == "meta"
+
+
+def _torch_numpy(t) -> np.ndarray:
+    if _is_meta(t):
+        raise _Unloadable("is a meta tensor: it has no data to load")
+    if t.layout != sys.modules["torch"].strided:  # sparse: the dense values it stands for
+        t = t.to_dense()
+    return t.detach().cpu().resolve_conj().resolve_neg().numpy()
+
+
+def _paddle_numpy(t) -> np.ndarray:
+    if not t._is_initialized():
+        raise _Unloadable("is a Paddle tensor without data")
+    if any(getattr(t, name, lambda: False)() for name in ("is_sparse_coo", "is_sparse_csr")):
+        t = t.to_dense()
+    if t.place.is_cpu_place():
+        try:
+            return np.from_dlpack(t.detach())  # no copy
+        except Exception:  # noqa: BLE001 - dtypes DLPack lacks: the copying path below
+            pass
+    return t.numpy()
+
+
+def _source_numpy(value) -> np.ndarray:
+    """``value`` as a numpy array that the target's framework takes as it is: dense, in the
+    machine's byte order, without negative strides. Views where possible, copies where needed."""
+    framework = type(value).__module__.split(".")[0]
+    if framework == "torch":
+        array = _torch_numpy(value)
+    elif framework == "paddle":
+        array = _paddle_numpy(value)
+    else:
+        array = np.asarray(value)
+    if array.dtype.hasobject:
+        raise _Unloadable("holds Python objects, not numbers")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
     return array
 
 
-def _load(target, state_dict, source, strict, progress, source_layouts=None, source_dims=None):
-    if source not in FRAMEWORKS:
-        raise ValueError(f"Expected source to be one of {FRAMEWORKS}, but got source={source!r}")
+def _count_nonfinite(array: np.ndarray, chunk: int = 1 << 20) -> int:
+    flat = array.reshape(-1) if array.flags.c_contiguous else array.ravel(order="K")
+    return sum(
+        int(part.size - np.count_nonzero(np.isfinite(part)))
+        for part in (flat[i:i + chunk] for i in range(0, flat.size, chunk))
+    )
+
+
+def _degenerate(array: np.ndarray, role: str) -> str | None:
+    """Why a source value would load a broken layer (NaN/Inf values; an all-zero u or v, which
+    the power iteration never leaves), or None."""
+    if array.dtype.kind in "fc":
+        bad = _count_nonfinite(array)
+        if bad:
+            return f"{bad} of {array.size} values are NaN or Inf"
+    if role in ("u", "v") and array.size and not np.any(array):
+        return f"{role} is all zeros, which the power iteration never leaves"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which matrix a spectral norm normalizes: messages, and the orientation test for square weights
+
+
+_LAYOUT_TEXT = {OUT_IN: "[out, in]", IN_OUT: "[in, out]"}
+
+ORIENTATION_TOL = 1e-3
+"""u, v that miss both u = N(W v) and v = N(W^H u) by less than this fit as loaded."""
+
+
+def _rows(layout: str, dim: int) -> str:
+    return "output features" if (layout == OUT_IN) == (dim == 0) else "input features"
+
+
+def _axis_text(kind: str, layout: str | None, dim: int | None) -> str:
+    """How a spectral norm takes a weight: "along dim 0 of its [in, out] weight (rows: ...)"."""
+    if dim is None:
+        return _describe_dim(dim)
+    text = f"along dim {dim}"
+    if kind == "linear" and layout in _LAYOUT_TEXT and dim in (0, 1):
+        text += f" of its {_LAYOUT_TEXT[layout]} weight (rows: {_rows(layout, dim)})"
+    return text
+
+
+def _register_text(kind: str, layout: str | None, dim: int) -> str:
+    if kind == "linear" and layout in _LAYOUT_TEXT and dim in (0, 1):
+        return f"dim={dim} (rows: {_rows(layout, dim)})"
+    return f"dim={dim}"
+
+
+def _dim_mismatch(name: str, kind: str, target: tuple, source: tuple, fitting: int | None) -> str:
+    """The live path's message: ``target`` and ``source`` are (Linear layout, dim)."""
+    text = (f"spectral norm of {name!r} normalizes a different matrix in the target than in the "
+            f"source: the target takes it {_axis_text(kind, *target)}, the source "
+            f"{_axis_text(kind, *source)}, so u and v would not fit")
+    if fitting is not None and target[1] is not None:
+        text += f"; register the target's with {_register_text(kind, target[0], fitting)}"
+    return text
+
+
+def _orientation_fits(w, dim: int, u, v, eps: float) -> tuple[float, float] | None:
+    """How well u, v fit the target's W-matrix M as loaded, and its transpose: the smaller
+    residual of u = N(M v) and v = N(M^H u), for M and for M^T. None unless M is square."""
+    w, u, v = (np.asarray(a) for a in (w, u, v))
+    if w.ndim < 2 or u.ndim != 1 or v.ndim != 1:
+        return None
+    dtype = np.complex128 if np.iscomplexobj(w) else np.float64
+    dim %= w.ndim
+    m = np.moveaxis(w, dim, 0).reshape(w.shape[dim], -1).astype(dtype)
+    if m.shape[0] != m.shape[1] or u.shape != (m.shape[0],) or v.shape != (m.shape[1],):
+        return None
+    u, v = u.astype(dtype), v.astype(dtype)
+
+    def unit(x):
+        return x / max(float(np.linalg.norm(x)), eps)
+
+    def residual(mat):
+        return min(float(np.linalg.norm(u - unit(mat @ v))), float(np.linalg.norm(v - unit(mat.conj().T @ u))))
+
+    return residual(m), residual(m.T)
+
+
+def _transposed_fits_better(as_loaded: float, transposed: float) -> bool:
+    return as_loaded > ORIENTATION_TOL and transposed * 100 < as_loaded
+
+
+def _orientation_problem(name: str, kind: str, layout: str | None, dim: int, fits) -> str:
+    as_loaded, transposed = fits
+    text = (f"spectral norm of {name!r}: the source's u and v fit the transposed W-matrix (residual "
+            f"{transposed:.1e}, against {as_loaded:.1e} as loaded): the source normalized this square "
+            f"weight along its other axis, while the target takes it {_axis_text(kind, layout, dim)}. "
+            "Loaded as they are, sigma and the normalized weight would be wrong")
+    if dim in (0, 1):
+        text += f"; register it with {_register_text(kind, layout, 1 - dim)}, as the source did"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load(target, state_dict, source, strict, progress, allow_degenerate=False, source_layouts=None,
+          source_dims=None):
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be a mapping, but got {type(state_dict).__name__}")
-    plan = _Planner(target, state_dict, source, source_layouts, source_dims)
+    if source not in FRAMEWORKS:
+        raise ValueError(f"Expected source to be one of {FRAMEWORKS}, but got source={source!r}")
+    try:
+        state_dict = flatten_state_dict(state_dict)
+    except ValueError as e:
+        raise PortError([str(e)]) from None
+    plan = _Planner(target, state_dict, source, source_layouts, source_dims, allow_degenerate)
     problems = plan.problems
     if strict:
         problems = [m for _, m in plan.missing] + [u for _, u in plan.unexpected] + problems
     if problems:
         raise PortError(problems)
 
-    # Everything fits: from here on nothing can fail short of running out of memory.
+    # Every value is converted and fits: from here on nothing can fail short of running out of
+    # memory.
     report = PortReport(source=source, target=plan.target_fw)
     report.missing = [k for k, _ in plan.missing]
     report.unexpected = [k for k, _ in plan.unexpected]
     for step in progress(plan.steps) if progress is not None else plan.steps:
-        if step.entry.source_key is not None or step.synth_from is not None:
-            plan.adapter.assign(step.target, _source_array(step, state_dict))
+        if step.array is not None:
+            plan.adapter.assign(step.target, step.array)
         report.entries.append(step.entry)
     for layer in plan.layers.values():
         plan.adapter.refresh(layer)
@@ -656,14 +886,58 @@ def _load(target, state_dict, source, strict, progress, source_layouts=None, sou
     return report
 
 
-def _infer_source(state_dict) -> str:
-    kinds = {type(v).__module__.split(".")[0] for v in state_dict.values()} & set(FRAMEWORKS)
+def _infer_source(state_dict: Mapping) -> str:
+    try:
+        values = flatten_state_dict(state_dict).values()
+    except ValueError:  # _load reports why it cannot be flattened
+        values = state_dict.values()
+    kinds = {type(v).__module__.split(".")[0] for v in values} & set(FRAMEWORKS)
     if len(kinds) == 1:
         return kinds.pop()
     raise ValueError(
         "Cannot tell which framework wrote this state dict (its values are not all torch or all "
         "paddle tensors): pass source='torch' or source='paddle'"
     )
+
+
+def _dotted(prefix: str, key) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def flatten_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with its nested mappings flattened: their keys are joined with ``.``
+    (``{"netG": {"conv.weight": w}}`` -> ``{"netG.conv.weight": w}``; an integer key becomes
+    its decimal string). Everything that is not a mapping (tensors, numbers, lists) is a value
+    as it is, and a flat state dict comes back as a plain copy.
+
+    :func:`load_checkpoint` returns nested checkpoints (a trainer's ``{"netG": ..., "epoch":
+    3}``) as they were written; :func:`load_state_dict` flattens what it is given with this.
+    Raises ValueError when two entries flatten to the same key, when a mapping is reached twice
+    (shared or cyclic: its entries would repeat), or when mappings nest deeper than
+    :data:`MAX_NESTING`.
+    """
+    flat: dict[str, Any] = {}
+    seen: set[int] = set()
+
+    def walk(mapping: Mapping, prefix: str, depth: int) -> None:
+        where = repr(prefix) if prefix else "the top level"
+        if id(mapping) in seen:
+            raise ValueError(f"the mapping at {where} is reached twice (shared or cyclic): flattening "
+                             "would repeat its entries")
+        if depth > MAX_NESTING:
+            raise ValueError(f"mappings nested more than {MAX_NESTING} levels deep (at {where})")
+        seen.add(id(mapping))
+        for key, value in mapping.items():
+            name = _dotted(prefix, key)
+            if isinstance(value, Mapping):
+                walk(value, name, depth + 1)
+            elif name in flat:
+                raise ValueError(f"two entries flatten to the same key {name!r}")
+            else:
+                flat[name] = value
+
+    walk(state, "", 0)
+    return flat
 
 
 def load_state_dict(
@@ -673,27 +947,33 @@ def load_state_dict(
     source: str | None = None,
     strict: bool = True,
     progress: Callable[[list], Iterable] | None = None,
+    allow_degenerate: bool = False,
 ) -> PortReport:
     """Load ``state_dict``, written by the framework ``source``, into ``target``.
 
     ``target`` is a ``torch.nn.Module`` or a ``paddle.nn.Layer``; ``state_dict`` maps names to
-    torch tensors, paddle tensors or numpy arrays (e.g. from :func:`load_checkpoint`).
-    ``source`` is ``"torch"`` or ``"paddle"`` (inferred from the tensors when omitted; required
-    for numpy arrays). Every target tensor is filled in place, converted for the target layer's
-    type (see the module docstring). A source Linear weight is taken to be in its framework's
-    native layout (torch ``[out, in]``, ``paddle.nn.Linear`` ``[in, out]``).
+    torch tensors, paddle tensors or numpy arrays (e.g. from :func:`load_checkpoint`); nested
+    mappings are flattened with :func:`flatten_state_dict`. ``source`` is ``"torch"`` or
+    ``"paddle"`` (inferred from the tensors when omitted; required for numpy arrays). Every
+    target tensor is filled in place, converted for the target layer's type (see the module
+    docstring). A source Linear weight is taken to be in its framework's native layout (torch
+    ``[out, in]``, ``paddle.nn.Linear`` ``[in, out]``).
 
     With ``strict`` (the default) a target tensor missing from the source, or a source tensor
     with no place in the target, is an error; without it they are left alone and listed in the
-    report. A shape or dtype mismatch is always an error. Errors are collected first and
-    raised together as one :class:`PortError`; the target is then unchanged.
+    report. A shape or dtype mismatch is always an error, and so is a source value that cannot
+    be converted (a meta tensor, Python objects) or u, v that belong to the transposed W-matrix
+    of a square weight. Source values with NaN or Inf, and an all-zero u or v, are errors
+    unless ``allow_degenerate``. Errors are collected first, every source value is converted
+    before the first write, and all problems are raised together as one :class:`PortError`;
+    the target is then unchanged.
 
     ``progress`` optionally wraps the list of copy steps (e.g. ``tqdm``). Returns a
     :class:`PortReport`.
     """
-    if source is None:
+    if source is None and isinstance(state_dict, Mapping):  # anything else: _load says why not
         source = _infer_source(state_dict)
-    return _load(target, state_dict, source, strict, progress)
+    return _load(target, state_dict, source, strict, progress, allow_degenerate)
 
 
 def _linear_layouts(model) -> dict[str, str]:
@@ -723,75 +1003,131 @@ def _sn_dims(model) -> dict[tuple[str, str], int]:
     return dims
 
 
-def _port(source_model, target, expect_source: str, expect_target: str, strict, progress):
+def _port(source_model, target, expect_source: str, expect_target: str, strict, progress, allow_degenerate):
     if framework_of(source_model) != expect_source:
         raise TypeError(f"Expected the source to be a {expect_source} model")
     if framework_of(target) != expect_target:
         raise TypeError(f"Expected the target to be a {expect_target} model")
     state = _adapter(expect_source).state(source_model)
     return _load(
-        target, state, expect_source, strict, progress,
+        target, state, expect_source, strict, progress, allow_degenerate,
         source_layouts=_linear_layouts(source_model), source_dims=_sn_dims(source_model),
     )
 
 
-def port_model(source_model, target, *, strict: bool = True, progress=None) -> PortReport:
+def port_model(source_model, target, *, strict: bool = True, progress=None,
+               allow_degenerate: bool = False) -> PortReport:
     """Copy the state of ``source_model`` into ``target``, each a torch or a Paddle model of
     the same architecture (the frameworks may be the same: then only spectral-norm flavours
     are converted). See :func:`torch_to_paddle`."""
     source = framework_of(source_model)
-    return _port(source_model, target, source, framework_of(target), strict, progress)
+    return _port(source_model, target, source, framework_of(target), strict, progress, allow_degenerate)
 
 
-def torch_to_paddle(module, layer, *, strict: bool = True, progress=None) -> PortReport:
+def torch_to_paddle(module, layer, *, strict: bool = True, progress=None,
+                    allow_degenerate: bool = False) -> PortReport:
     """Copy the state of the torch ``module`` into the Paddle ``layer`` (same architecture).
 
     Like :func:`load_state_dict`, but each source Linear's layout and each spectral norm's dim
     are read from ``module``, so nothing is assumed.
     """
-    return _port(module, layer, "torch", "paddle", strict, progress)
+    return _port(module, layer, "torch", "paddle", strict, progress, allow_degenerate)
 
 
-def paddle_to_torch(layer, module, *, strict: bool = True, progress=None) -> PortReport:
+def paddle_to_torch(layer, module, *, strict: bool = True, progress=None,
+                    allow_degenerate: bool = False) -> PortReport:
     """Copy the state of the Paddle ``layer`` into the torch ``module`` (same architecture).
 
     Like :func:`load_state_dict`, but each source Linear's layout (``paddle.nn.Linear`` or
     ``paddle.compat.nn.Linear``) and each spectral norm's dim are read from ``layer``.
     """
-    return _port(layer, module, "paddle", "torch", strict, progress)
+    return _port(layer, module, "paddle", "torch", strict, progress, allow_degenerate)
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files.
+# Checkpoint files: reading. Only regular files; the format is decided by the content; nothing
+# from the file runs; a file decodes to at most its own size of tensor data.
+
+SIZE_SLACK = 64 * 1024
+"""Bytes of tensor data a checkpoint may decode to beyond its own size. Pickled arrays and
+torch's zip entries carry their bytes, so a real checkpoint decodes to less than its size; a
+file that would decode to more (by using the same data again, or by asking for memory without
+data) is refused before that memory is allocated."""
+
+MAX_NESTING = 100
+"""Containers nested deeper than this in a checkpoint are refused."""
+
+_UNPACK = "UnpackBigParamInfor@@"  # sic, Paddle's spelling: arrays over 1 GiB split into slices
+_PARAMETER_NAMES = "StructuredToParameterName@@"  # paddle.save's table of parameter names
+_ZIP = b"PK\x03\x04"
+_TORCH_LEGACY = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pre-1.6 magic number
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+)
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """``"torch"`` or ``"paddle"``: by suffix (.pt/.pth, .pdparams), else by content.
+def _brief(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    Raises CheckpointError when the content contradicts the suffix or fits neither.
+
+def _open_regular(path, shown: str):
+    """(binary file, size) for ``path``; CheckpointError for anything but a regular file.
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+            raise CheckpointError(f"{shown}: not a regular file ({kind}): only regular files are read")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _content_format(head: bytes) -> str | None:
+    if head.startswith(_ZIP) or head.startswith(_TORCH_LEGACY):
+        return "torch"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle, protocol 2-5
+        return "paddle"
+    return None
+
+
+def _checked_format(head: bytes, shown: str) -> str:
+    """The format of a file starting with ``head``; a .pt/.pth/.pdparams suffix that the
+    content contradicts is an error."""
+    found = _content_format(head)
+    suffix = os.path.splitext(shown)[1].lower()
+    if suffix in TORCH_SUFFIXES and found != "torch":
+        if found is None:
+            raise CheckpointError(f"{shown}: not a torch checkpoint (neither a zip archive nor a pickle)")
+        raise CheckpointError(
+            f"{shown}: not a torch checkpoint: it is a pickle that is not torch's (a Paddle .pdparams file?)")
+    if suffix in PADDLE_SUFFIXES and found != "paddle":
+        what = ("a zip archive (a torch checkpoint?)" if head.startswith(_ZIP) else
+                "a torch checkpoint (legacy format)" if found == "torch" else "not a pickle")
+        raise CheckpointError(f"{shown}: not a Paddle .pdparams checkpoint: it is {what}")
+    if found is None:
+        raise CheckpointError(
+            f"{shown}: unknown checkpoint format (expected a torch .pt/.pth or a Paddle .pdparams file)")
+    return found
+
+
+def detect_format(path: str | bytes | os.PathLike) -> str:
+    """``"torch"`` (a zip archive, or torch's legacy pickle format) or ``"paddle"`` (any other
+    pickle), decided by the file's content, the same for str, bytes and PathLike paths.
+
+    Raises FileNotFoundError, or CheckpointError for a file that is not a regular file, whose
+    content fits neither format, or whose .pt/.pth/.pdparams suffix the content contradicts.
     """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    is_zip = head.startswith(b"PK\x03\x04")
-    is_pickle = head[:1] == b"\x80"
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in TORCH_SUFFIXES:
-        if not (is_zip or is_pickle):
-            raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
-        return "torch"
-    if suffix in PADDLE_SUFFIXES:
-        if not is_pickle:
-            what = "a zip archive (a torch checkpoint?)" if is_zip else "not a pickle"
-            raise CheckpointError(f"{path}: not a Paddle .pdparams checkpoint: it is {what}")
-        return "paddle"
-    if is_zip:
-        return "torch"
-    if is_pickle:
-        return "paddle"
-    raise CheckpointError(
-        f"{path}: unknown checkpoint format (expected a torch .pt/.pth or a Paddle .pdparams file)"
-    )
+    shown = os.fsdecode(path)
+    file, _ = _open_regular(path, shown)
+    with file:
+        return _checked_format(file.read(len(_TORCH_LEGACY)), shown)
 
 
 def _multiarray():
@@ -799,109 +1135,546 @@ def _multiarray():
     return core.multiarray
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """Exactly what ``paddle.save`` writes for a state dict (protocols 2-4): numpy arrays
-    (``_reconstruct``, ``ndarray``, ``dtype``), numpy scalars, and ``_codecs.encode``, with
-    which protocol 2 spells bytes. numpy 1.x files name ``numpy.core``, numpy 2 ``numpy._core``."""
-    import _codecs
-    import collections
+class _BoundedReader:
+    """The file as the unpickler reads it: a length the pickle declares is checked against the
+    bytes left in the file before anything is read (or allocated) for it."""
 
-    ma = _multiarray()
-    allowed = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-    }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = ma._reconstruct
-        allowed[(module, "scalar")] = ma.scalar
-    # numpy >= 1.25 pickles dtypes as numpy.dtypes.Float32DType etc. in some protocols.
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        for name in dir(dtypes):
-            if name.endswith("DType"):
-                allowed[("numpy.dtypes", name)] = getattr(dtypes, name)
-    return allowed
+    def __init__(self, file, size: int):
+        self._file, self._left = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._left
+        if n > self._left:
+            raise pickle.UnpicklingError(
+                f"the pickle declares {n} bytes where the file has {self._left} left (truncated or forged)")
+        data = self._file.read(n)
+        if len(data) != n:
+            raise pickle.UnpicklingError("the file shrank while it was read")
+        self._left -= n
+        return data
+
+    def readline(self) -> bytes:
+        line = self._file.readline(self._left)
+        self._left -= len(line)
+        return line
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles containers, numpy arrays and scalars; refuses every other global, so no
-    callable named by the file is ever looked up, let alone run."""
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` in a .pdparams pickle, where numpy writes an array as
+    ``_reconstruct(ndarray, (0,), b"b")`` followed by its data. Nothing else may use it."""
 
-    _allowed = None
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError(
+            "refused numpy.ndarray called directly: a pickled array is rebuilt from its own bytes, "
+            "never from a shape (or a buffer and strides) alone")
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayName()
+
+
+def _ordered_dict(*args, **kwargs):
+    if args or kwargs:
+        raise pickle.UnpicklingError(
+            "refused collections.OrderedDict with arguments: a pickled OrderedDict is made empty, "
+            "then filled")
+    return collections.OrderedDict()
+
+
+def _paddle_pair(pair):
+    """``builtins.tuple`` as paddle.save uses it: a nested tensor is ``tuple((name, array))``."""
+    if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            and isinstance(pair[1], np.ndarray)):
+        raise pickle.UnpicklingError(
+            "refused builtins.tuple on something else: builtins.tuple only rebuilds Paddle's "
+            "(name, array) pairs")
+    return pair
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, (tuple, list)) and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickles what ``paddle.save`` writes: containers, numpy arrays and scalars, and Paddle's
+    (name, array) pairs for nested tensors. Every other global is refused, so no callable the
+    file names is ever looked up, let alone run, and the allowed ones are wrappers that accept
+    only numpy's and Paddle's own uses. Array data is counted as it is decoded: more than the
+    file's size (+ SIZE_SLACK) is refused before it is allocated. The pure-Python unpickler
+    reads each declared length through :class:`_BoundedReader` before allocating for it (the C
+    one allocates first)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: _BoundedReader, size: int):
+        super().__init__(file, encoding="latin1")  # latin1: Python 2 str of numpy data
+        self._size = size
+        self._decoded = {"array": 0, "bytes": 0}
+        self._ma = _multiarray()
+        self._allowed = {
+            ("numpy", "ndarray"): _NDARRAY,
+            ("numpy", "dtype"): self._dtype,
+            ("_codecs", "encode"): self._encode,
+            ("collections", "OrderedDict"): _ordered_dict,
+            ("builtins", "tuple"): _paddle_pair,
+        }
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 2
+            self._allowed[(module, "_reconstruct")] = self._reconstruct
+            self._allowed[(module, "scalar")] = self._scalar
 
     def find_class(self, module: str, name: str):
-        if _RestrictedUnpickler._allowed is None:
-            _RestrictedUnpickler._allowed = _allowed_globals()
+        if self.proto < 3:  # Python 2 names, as pickle's own find_class maps them
+            module, name = _compat_pickle.NAME_MAPPING.get(
+                (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         try:
             return self._allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"refused global {module}.{name}: a .pdparams state dict holds only containers, "
-                "numpy arrays and scalars"
+                f"refused global {_brief(module)}.{_brief(name)}: a .pdparams file holds only "
+                "containers, numpy arrays and scalars"
             ) from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused persistent id: not a Paddle state dict")
 
+    def _charge(self, kind: str, nbytes: int) -> None:
+        self._decoded[kind] += nbytes
+        if self._decoded[kind] > self._size + SIZE_SLACK:
+            raise pickle.UnpicklingError(
+                f"its {kind} data decodes to more than the file's {self._size} bytes (+{SIZE_SLACK}): "
+                "the file uses the same data again, which paddle.save never does; refused before "
+                "allocating it")
 
-def _load_pdparams(path: str) -> dict[str, np.ndarray]:
+    def _dtype(self, *args):
+        dtype = np.dtype(*args)
+        if dtype.hasobject:
+            raise pickle.UnpicklingError(f"refused dtype {dtype}: Python objects are not tensor data")
+        return dtype
+
+    def _reconstruct(self, cls, shape, code):
+        if cls is not _NDARRAY or shape != (0,) or code not in (b"b", "b"):
+            raise pickle.UnpicklingError(
+                f"refused _reconstruct{_brief(repr((cls, shape, code)))}: numpy pickles an array as "
+                "_reconstruct(numpy.ndarray, (0,), b'b') followed by its data")
+        return self._ma._reconstruct(np.ndarray, (0,), b"b")
+
+    def _scalar(self, dtype, data=None):
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, str)) \
+                or len(data) != dtype.itemsize:
+            raise pickle.UnpicklingError(
+                f"refused scalar({_brief(repr(dtype))}, ...): a numpy scalar is its dtype and "
+                "exactly that many bytes")
+        self._charge("array", dtype.itemsize)
+        return self._ma.scalar(dtype, data)
+
+    def _encode(self, text, encoding="utf-8", errors="strict"):
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+            raise pickle.UnpicklingError(
+                f"refused _codecs.encode(..., {_brief(repr(encoding))}): pickle protocol 2 spells "
+                "bytes as _codecs.encode(text, 'latin1') only")
+        self._charge("bytes", len(text))
+        return text.encode("latin1")
+
+    def _check_array_state(self, state) -> None:
+        """numpy's array state (version, shape, dtype, fortran, data): data of exactly the
+        size the shape needs, and no Python objects, checked before numpy allocates."""
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("refused an array state that is not numpy's")
+        shape, dtype, _, data = state[-4:]
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise pickle.UnpicklingError(
+                f"refused an array of dtype {_brief(str(dtype))}: Python objects are not tensor data")
+        if not (isinstance(shape, tuple) and _is_shape(shape)) or not isinstance(data, (bytes, str)):
+            raise pickle.UnpicklingError("refused an array state that is not numpy's")
+        nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
+        if nbytes != len(data):
+            raise pickle.UnpicklingError(
+                f"refused an array of shape {_brief(str(shape))} and dtype {dtype} ({nbytes} bytes) "
+                f"with {len(data)} bytes of data")
+        self._charge("array", nbytes)
+
+    def _load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        if isinstance(inst, np.ndarray):
+            self._check_array_state(state)
+        elif not isinstance(inst, np.dtype):
+            raise pickle.UnpicklingError(
+                f"refused to set the state of a {type(inst).__name__}: in a .pdparams file only "
+                "numpy arrays and dtypes have one")
+        pickle._Unpickler.load_build(self)
+
+    def _refuse_buffer(self):
+        raise pickle.UnpicklingError("refused an out-of-band buffer (pickle protocol 5): paddle.save "
+                                     "never writes one")
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    for _opcode in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_opcode[0]] = _refuse_buffer
+    del _opcode
+
+
+def _slice_plan(top: dict, key, info, claimed: dict, arrays_seen: dict):
+    """(slice names, arrays, shape) for one entry of a slice table, or its problems (list)."""
+    if not isinstance(info, Mapping):
+        return [f"{key!r}: its entry is a {type(info).__name__}, not a table"]
+    names, shape = info.get("slices"), info.get("OriginShape")
+    if names is None:
+        return [f"{key!r}: no 'slices' list"]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        return [f"{key!r}: 'slices' is not a list of names: {_brief(repr(names))}"]
+    if shape is None:
+        return [f"{key!r}: no 'OriginShape'"]
+    if not _is_shape(shape):
+        return [f"{key!r}: 'OriginShape' {_brief(repr(shape))} is not a shape"]
+    if not isinstance(key, str) or key in top:
+        return [f"{key!r} is both an entry and a sliced array" if isinstance(key, str)
+                else f"{key!r}: the name of a sliced array must be a string"]
+    problems, arrays = [], []
+    for name in names:
+        if name in claimed:
+            problems.append(f"{key!r}: slice {name!r} is listed twice")
+            continue
+        claimed[name] = key
+        value = top.get(name)
+        if name not in top:
+            problems.append(f"{key!r}: slice {name!r} is not in the file")
+        elif not isinstance(value, np.ndarray) or value.ndim != 1:
+            problems.append(f"{key!r}: slice {name!r} is not a 1-D array")
+        elif arrays_seen.setdefault(id(value), name) != name:
+            problems.append(f"{key!r}: slices {arrays_seen[id(value)]!r} and {name!r} are the same data")
+        else:
+            arrays.append(value)
+    if problems:
+        return problems
+    if len({a.dtype for a in arrays}) > 1:
+        return [f"{key!r}: slices of different dtypes ({', '.join(sorted({str(a.dtype) for a in arrays}))})"]
+    total, need = sum(a.size for a in arrays), math.prod(int(n) for n in shape)
+    if total != need:
+        return [f"{key!r}: the slices hold {total} elements, 'OriginShape' {tuple(shape)} needs {need}"]
+    return list(names), arrays, tuple(int(n) for n in shape)
+
+
+def _join_slices(top: dict, shown: str) -> None:
+    """Join the arrays paddle.save (protocols 2, 3) split into 1-D slices, after checking the
+    whole table: every slice present, used once, and exactly as large as the shape needs."""
+    table = top.pop(_UNPACK, None)
+    if table is None:
+        return
+    what = f"{shown}: malformed {_UNPACK!r} table (paddle.save's record of arrays split into slices)"
+    if not isinstance(table, Mapping):
+        raise CheckpointError(f"{what}: it is a {type(table).__name__}, not a table")
+    plans, problems, claimed, arrays_seen = {}, [], {}, {}
+    for key, info in table.items():
+        plan = _slice_plan(top, key, info, claimed, arrays_seen)
+        if isinstance(plan, list):
+            problems += plan
+        else:
+            plans[key] = plan
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+    for key, (names, arrays, shape) in plans.items():
+        for name in names:
+            del top[name]
+        top[key] = np.concatenate(arrays).reshape(shape)
+
+
+def _load_pdparams(file, size: int, shown: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+        obj = _RestrictedUnpickler(_BoundedReader(file, size), size).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # truncated or garbled files
-        raise CheckpointError(f"{path}: not a readable .pdparams pickle ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{shown}: {e}") from None
+    except Exception as e:  # truncated or garbled files  # noqa: BLE001
+        raise CheckpointError(
+            f"{shown}: not a readable .pdparams pickle ({type(e).__name__}: {_brief(str(e))})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    obj = dict(obj)
-    obj.pop("StructuredToParameterName@@", None)  # paddle.save's table of parameter names
-    # paddle.save with protocol 2 or 3 splits arrays over 1 GiB into slices.
-    unpack = obj.pop("UnpackBigParamInfor@@", None)  # sic, Paddle's spelling
-    if isinstance(unpack, dict):
-        for key, info in unpack.items():
-            parts = [obj.pop(part) for part in info["slices"]]
-            obj[key] = np.concatenate(parts).reshape(info["OriginShape"])
-    return obj
+        raise CheckpointError(f"{shown}: holds a {type(obj).__name__}, not a state dict")
+    top = collections.OrderedDict(obj) if isinstance(obj, collections.OrderedDict) else dict(obj)
+    top.pop(_PARAMETER_NAMES, None)
+    _join_slices(top, shown)
+    return top
 
 
-def _load_torch(path: str) -> dict:
+def _check_zip_size(file, size: int, shown: str) -> None:
+    """Refuse a zip whose entries unpack to more than the file holds: torch stores its tensors
+    uncompressed, so only a compressed bomb does."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{shown}: not a readable zip archive ({_brief(str(e))})") from None
+    finally:
+        file.seek(0)
+    if unpacked > size + SIZE_SLACK:
+        raise CheckpointError(
+            f"{shown}: its zip entries unpack to {unpacked} bytes, more than the file's {size} "
+            f"(+{SIZE_SLACK}): torch stores tensors uncompressed; refused")
+
+
+def _load_torch(file, size: int, shown: str) -> dict:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: reading a torch checkpoint needs torch installed") from None
+        raise CheckpointError(f"{shown}: reading a torch checkpoint needs torch installed") from None
+    if file.read(len(_ZIP)) == _ZIP:
+        _check_zip_size(file, size, shown)
+    file.seek(0)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it: {e}") from None
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch refuses
+        raise CheckpointError(f"{shown}: torch.load(weights_only=True) refused it: {_brief(str(e), 400)}") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
+        raise CheckpointError(f"{shown}: holds a {type(obj).__name__}, not a state dict")
+    return obj
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a state dict from a torch ``.pt``/``.pth`` or a Paddle ``.pdparams`` file.
+def _torch_view_problem(t) -> str | None:
+    """Why a loaded torch tensor spans more memory than its storage holds (stride 0 or
+    overlapping strides: materializing it would amplify the file), or None."""
+    torch = sys.modules["torch"]
+    if t.layout != torch.strided:
+        return None
+    logical, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if logical > stored + SIZE_SLACK:
+        return (f"spans {logical} bytes over {stored} bytes of storage (stride 0 or overlapping "
+                "strides); refused")
+    return None
 
-    No code from the file runs: torch files go through ``torch.load(weights_only=True)``,
-    Paddle files through an unpickler that admits only containers, numpy arrays and scalars.
-    Returns ``{name: tensor}`` (torch tensors, or numpy arrays for Paddle files); the
-    framework is :func:`detect_format`. Raises FileNotFoundError, or CheckpointError for a file
-    that is not a state dict or names anything else.
+
+class _TreeCheck:
+    """Walks what a checkpoint decoded to (containers, tensors, plain values) and returns it
+    rebuilt: Paddle's (name, array) pairs become arrays, shared containers stay shared. Refuses
+    cycles, nesting deeper than MAX_NESTING, keys that are neither str nor int, arrays of
+    Python objects and torch views larger than their storage."""
+
+    def __init__(self, shown: str, framework: str):
+        self.shown, self.framework = shown, framework
+        self.done: dict[int, Any] = {}
+        self.active: set[int] = set()
+
+    def fail(self, message: str):
+        raise CheckpointError(f"{self.shown}: {message}")
+
+    def visit(self, obj, path: str = "", depth: int = 0):
+        where = repr(path) if path else "the top level"
+        if self.framework == "paddle" and isinstance(obj, tuple) and len(obj) == 2 \
+                and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+            obj = obj[1]  # a nested Paddle tensor
+        if _is_tensor(obj):
+            return self.tensor(obj, where)
+        if not isinstance(obj, (Mapping, list, tuple)):
+            return obj
+        ident = id(obj)
+        if ident in self.done:
+            return self.done[ident]
+        if ident in self.active:
+            self.fail(f"the container at {where} contains itself: not a state dict")
+        if depth >= MAX_NESTING:
+            self.fail(f"containers nested more than {MAX_NESTING} levels deep (at {where})")
+        self.active.add(ident)
+        if isinstance(obj, Mapping):
+            result = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+            for key, value in obj.items():
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    self.fail(f"key {_brief(repr(key))} at {where} is a {type(key).__name__}, "
+                              "not a str or int")
+                result[key] = self.visit(value, _dotted(path, key), depth + 1)
+        else:
+            items = [self.visit(value, _dotted(path, i), depth + 1) for i, value in enumerate(obj)]
+            result = items if isinstance(obj, list) else tuple(items)
+        self.active.discard(ident)
+        self.done[ident] = result
+        return result
+
+    def tensor(self, obj, where: str):
+        if _dtype_name(obj) == "object":
+            self.fail(f"entry {where} is an array of Python objects, not tensor data")
+        if type(obj).__module__.startswith("torch"):
+            problem = _torch_view_problem(obj)
+            if problem:
+                self.fail(f"entry {where} {problem}")
+        return obj
+
+
+def load_checkpoint(path: str | bytes | os.PathLike) -> dict:
+    """Read a torch (``.pt``/``.pth``) or Paddle (``.pdparams``) checkpoint.
+
+    Only regular files are read (a FIFO or a device is refused at once); the format is
+    :func:`detect_format`, decided by the content. No code from the file runs: torch files go
+    through ``torch.load(weights_only=True)``, Paddle files through an unpickler that admits
+    only what ``paddle.save`` writes (containers, numpy arrays and scalars, and its (name,
+    array) pairs for nested tensors). A file never decodes to more tensor data than its own
+    size (+ :data:`SIZE_SLACK`): that is checked before the memory is allocated.
+
+    Returns the checkpoint as it was written: ``{name: tensor}`` for a state dict (torch
+    tensors, or numpy arrays for Paddle files), or the nested containers of a trainer's file
+    (``{"netG": {...}, "epoch": 3}``), with Paddle's nested tensors as numpy arrays, as
+    ``paddle.load(path, return_numpy=True)`` gives them. :func:`flatten_state_dict` (which
+    :func:`load_state_dict` applies) joins nested keys with dots. Raises FileNotFoundError, or
+    CheckpointError for a file that is not a checkpoint or holds anything else.
     """
-    path = os.fspath(path)
-    fmt = detect_format(path)
-    state = _load_torch(path) if fmt == "torch" else _load_pdparams(path)
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"{path}: key {key!r} is not a string: not a state dict")
-        if not _is_tensor(value) or _dtype_name(value) == "object":
-            raise CheckpointError(
-                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: not a flat "
-                "state dict"
-            )
-    return state
+    shown = os.fsdecode(path)
+    file, size = _open_regular(path, shown)
+    with file:
+        framework = _checked_format(file.read(len(_TORCH_LEGACY)), shown)
+        file.seek(0)
+        state = _load_torch(file, size, shown) if framework == "torch" else _load_pdparams(file, size, shown)
+    return _TreeCheck(shown, framework).visit(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files: writing. Atomic, exclusive unless overwriting, modes as for any new file.
+
+TEMP_SUFFIX = ".dualsn-tmp"
+"""save_checkpoint writes ``DIR/.NAME.<pid>-<8 hex digits>.dualsn-tmp`` first, then moves it to
+``DIR/NAME``."""
+
+STALE_TEMP_SECONDS = 60
+"""A temporary file of a process that no longer exists, unchanged for this long, was left by a
+killed writer: the next save_checkpoint to the same path removes it."""
+
+_TEMP_MIDDLE = re.compile(r"(\d+)-[0-9a-f]{8}")
+_NO_HARD_LINKS = {getattr(errno, name) for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EMLINK",
+                                                      "EXDEV") if hasattr(errno, name)}
+
+
+def _temp_owner(name: str) -> tuple[str, int] | None:
+    """(checkpoint name, writer's pid) of a temporary file name of save_checkpoint, or None."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    base, _, middle = name[1: -len(TEMP_SUFFIX)].rpartition(".")
+    match = _TEMP_MIDDLE.fullmatch(middle)
+    return (base, int(match.group(1))) if base and match else None
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # no signal-0 probe: only the age decides
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: str, base: str) -> None:
+    """Remove the temporary files killed writers left for ``base`` in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        owner = _temp_owner(name)
+        if owner is None or owner[0] != base or _process_exists(owner[1]):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            info = os.lstat(full)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime >= STALE_TEMP_SECONDS:
+                os.unlink(full)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def _serializable(state_dict: Mapping[str, Any], framework: str) -> dict:
+    if framework == "torch":
+        import torch
+
+        return {
+            k: v.detach().cpu() if type(v).__module__.startswith("torch") else torch.from_numpy(
+                np.array(_to_numpy(v)))
+            for k, v in state_dict.items()
+        }
+    data = {k: np.array(_to_numpy(v)) for k, v in state_dict.items()}
+    data[_PARAMETER_NAMES] = {k: k for k in state_dict}
+    return data
+
+
+def _write_temp(data: dict, framework: str, directory: str, base: str) -> str:
+    """Write ``data`` to a new temporary file next to the checkpoint; returns its path. Created
+    with mode 0o666, so the umask gives it the mode of any new file (0o644 under umask 022)."""
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if framework == "torch":
+                sys.modules["torch"].save(data, f)
+            else:
+                pickle.dump(data, f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _publish_new(tmp: str, path: str, shown: str) -> None:
+    """Give ``tmp`` the name ``path`` unless ``path`` exists, atomically: a hard link fails if
+    the name is taken. Where hard links are not supported the name is claimed with O_EXCL
+    first, and the file then moved over the claim."""
+    exists = FileExistsError(
+        f"{shown} was created while the checkpoint was being written; it was left alone (pass "
+        "overwrite=True to replace it)")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise exists from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise exists from None
+        os.replace(tmp, path)
+        return
+    _unlink_quietly(tmp)
+
+
+def _replace(tmp: str, path: str) -> None:
+    """Move ``tmp`` over ``path``, giving it the mode ``path`` had."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    if info is not None and stat.S_ISREG(info.st_mode):
+        os.chmod(tmp, stat.S_IMODE(info.st_mode))
+    os.replace(tmp, path)
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the new name durable (POSIX); best effort."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -911,38 +1684,30 @@ def save_checkpoint(
     ``"paddle"``: what ``paddle.save`` writes for a state dict: a protocol-4 pickle of numpy
     arrays plus its parameter-name table).
 
-    Atomic: written to a temporary file in the same directory, then moved over ``path``, so
-    ``path`` never holds a partial file. Refuses an existing ``path`` unless ``overwrite``.
+    Atomic: written to a temporary file in the same directory (``.NAME.<pid>-<hex>.dualsn-tmp``,
+    see :data:`TEMP_SUFFIX`), then moved to ``path``, so ``path`` never holds a partial file;
+    the temporary file a killed writer left for ``path`` is removed. Without ``overwrite`` an
+    existing ``path`` is refused (FileExistsError), also one created while this call was
+    writing: the file is published with a hard link, which cannot replace anything. A new file
+    gets the mode the umask allows (0o644 under umask 022); an overwritten one keeps its mode.
+    A write error (a full disk, a read-only directory) raises OSError and leaves no file behind.
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"Expected framework to be one of {FRAMEWORKS}, but got framework={framework!r}")
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if framework == "torch":
-        import torch
-
-        data = {
-            k: v.detach().cpu() if type(v).__module__.startswith("torch") else torch.from_numpy(
-                np.array(_to_numpy(v)))
-            for k, v in state_dict.items()
-        }
-    else:
-        data = {k: np.array(_to_numpy(v)) for k, v in state_dict.items()}
-        data["StructuredToParameterName@@"] = {k: k for k in state_dict}
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    shown = os.fsdecode(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{shown} exists; pass overwrite=True to replace it")
+    data = _serializable(state_dict, framework)
+    directory, base = os.path.split(os.path.abspath(path))
+    _remove_stale_temps(directory, base)
+    tmp = _write_temp(data, framework, directory, base)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if framework == "torch":
-                torch.save(data, f)
-            else:
-                pickle.dump(data, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            _replace(tmp, path)
+        else:
+            _publish_new(tmp, path, shown)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+    _sync_directory(directory)
