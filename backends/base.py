@@ -177,6 +177,11 @@ class Config:
     u, v (flattened in traces) live in the output and input activation spaces, and the preset
     is ``spec.CONV_COMPAT``. Convolutions (not transposed) only."""
 
+    degenerate: bool = False
+    """The case's weight is one the built-ins turn into NaN (all zero) or overflow on (|W| near
+    the dtype's range): dualsn's own rules apply (``spec.Spec.divisor``'s zero floor,
+    ``spec.recovery_uv``, ``spec.safe_norm``), so only dualsn's drivers run it."""
+
     def __post_init__(self) -> None:
         if self.operator_norm and (not self.layer.spatial or self.layer.transposed or self.dim is not None):
             raise ValueError("operator_norm needs a (non-transposed) convolution and dim=None")
@@ -184,7 +189,7 @@ class Config:
     @property
     def uses_features(self) -> bool:
         """Whether the registration uses anything only dualsn has."""
-        return bool(self.features) or self.track_sigma or self.operator_norm
+        return bool(self.features) or self.track_sigma or self.operator_norm or self.degenerate
 
     @property
     def feature_kwargs(self) -> dict[str, Any]:
@@ -321,7 +326,8 @@ class Driver:
         if preset not in self.presets:
             return f"{self.name} does not implement preset {preset!r}"
         if config.uses_features and not self.supports_features:
-            used = list(dict(config.features)) + [f for f in ("track_sigma", "operator_norm") if getattr(config, f)]
+            flags = ("track_sigma", "operator_norm", "degenerate")
+            used = list(dict(config.features)) + [f for f in flags if getattr(config, f)]
             return f"{self.name} has none of dualsn's opt-in features ({', '.join(used)})"
         if config.operator_norm and preset != spec.CONV_COMPAT:
             return f"the convolution operator norm runs under preset {spec.CONV_COMPAT!r} only"

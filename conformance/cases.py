@@ -4,8 +4,9 @@ Every case is run by every driver under every preset the driver has. The table i
 cartesian product; it covers each layer kind (Linear, paddle.compat.nn.Linear, Conv1d/2d/3d,
 ConvTranspose1d/2d/3d, Embedding, Bilinear, a 1-D weight), default, explicit and negative dims,
 ``n_power_iterations`` 1 and 3, ``eps`` 1e-12 and 1e-4 (with "tiny" weights whose largest
-singular value is below eps, so eps changes every normalization), float32 and float64, and
-dualsn's opt-in features (``Config.features``, ``track_sigma``, the convolution operator norm).
+singular value is below eps, so eps changes every normalization), float32 and float64,
+dualsn's opt-in features (``Config.features``, ``track_sigma``, the convolution operator norm),
+and all-zero weights (``Config.degenerate``).
 
 All data (weights, biases, inputs, upstream gradients R) is drawn from numpy's PCG64 seeded
 with the case's seed, which is derived from the case id, so adding or reordering cases
@@ -57,11 +58,12 @@ class Case:
 
 def _case(
     id: str, kind: str, sizes, *, dim=None, n=1, eps=1e-12, dtype="float32", length=4, sigma_max=None,
-    track_sigma=False, operator_norm=False, **features
+    track_sigma=False, operator_norm=False, degenerate=False, **features
 ):
     layer = LayerSpec(kind, tuple(sizes), length=length)
     features = tuple(sorted(features.items()))
-    return Case(id, Config(layer, dim, n, eps, dtype, features, track_sigma, operator_norm), sigma_max)
+    config = Config(layer, dim, n, eps, dtype, features, track_sigma, operator_norm, degenerate)
+    return Case(id, config, sigma_max)
 
 
 LIN, CONV1, CONV2, CONV3 = (5, 4), (2, 3, 2), (2, 3, 2), (2, 2, 2)
@@ -135,6 +137,14 @@ CASES: tuple[Case, ...] = (
     _case("conv1d-atol1e-3-n2-f32", "conv1d", CONV1, n=2, atol=1e-3, max_iterations=30),
     _case("linear-svs3-f64", "linear", LIN, dtype="float64", num_svs=3),
     _case("convtranspose2d-svs2-coeff0.8-f32", "convtranspose2d", TCONV2, length=2, num_svs=2, coeff=0.8),
+    # all-zero weights, where dualsn deliberately differs from the built-ins (they give NaN):
+    # W / eps = 0, gradient G / eps, u, v = spec.recovery_uv
+    # (weights near the top of the range are tests/test_degenerate_weights.py's: the sequences'
+    # SGD rate LR * sigma^2 would overflow the biases)
+    _case("linear-zero-f32", "linear", LIN, sigma_max=0.0, degenerate=True),
+    _case("conv2d-zero-f64", "conv2d", CONV2, length=3, dtype="float64", sigma_max=0.0, degenerate=True),
+    _case("convtranspose1d-zero-f32", "convtranspose1d", TCONV1, sigma_max=0.0, degenerate=True),
+    _case("vector-zero-f64", "vector", VEC, dtype="float64", sigma_max=0.0, degenerate=True),
 )
 
 CASES_BY_ID = {case.id: case for case in CASES}
@@ -155,7 +165,7 @@ def params(case: Case, variant: int = 0) -> dict[str, np.ndarray]:
     weight = rng.standard_normal(shape) / np.sqrt(fan_in)
     if case.sigma_max is not None:
         top = np.linalg.svd(spec.to_matrix(weight, case.config.canonical_dim), compute_uv=False)[0]
-        weight *= case.sigma_max / top
+        weight *= case.sigma_max / top  # (exactly zero for sigma_max = 0)
     out = {"weight": weight.astype(case.dtype)}
     if layer.bias_shape is not None:
         out["bias"] = (0.1 * rng.standard_normal(layer.bias_shape)).astype(case.dtype)

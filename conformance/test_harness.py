@@ -147,7 +147,7 @@ def test_case_table_covers_the_required_axes():
     assert 25 <= len(cases.CASES) <= 60
 
 
-@pytest.mark.parametrize("case", [c for c in cases.CASES if c.sigma_max is not None], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in cases.CASES if c.sigma_max], ids=lambda c: c.id)
 def test_tiny_weight_cases_really_depend_on_eps(case):
     """With the case's eps the registration state differs from eps=1e-12 (eps is active)."""
     config = case.config
@@ -298,3 +298,23 @@ def test_reference_conv_operator_weight_grad_matches_finite_differences(coeff):
         step[i] = 1e-6
         numeric[i] = (loss(weight + step) - loss(weight - step)) / 2e-6
     np.testing.assert_allclose(sn.weight_grad(g, weight), numeric, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [c for c in cases.CASES if c.config.degenerate], ids=lambda c: c.id)
+def test_zero_weight_cases_are_zero_and_run_on_dualsn_drivers_only(case):
+    """All-zero weights: the reference normalizes them to zero with u, v at spec.recovery_uv,
+    and the built-ins (which give NaN there) are not collected for them."""
+    config = case.config
+    weight = cases.params(case)["weight"]
+    assert not np.any(weight)
+    if not config.spec("torch").is_exact_vector(weight.ndim):
+        h, w = config.matrix_shape()
+        ref = spec.ReferenceSN(weight, config.canonical_dim, config.spec("torch_legacy"), *spec.init_uv(h, w, case.seed, case.dtype), seed=case.seed)
+        np.testing.assert_array_equal(ref.forward(weight, training=True), np.zeros_like(weight))
+        np.testing.assert_array_equal(ref.u, spec.recovery_uv(h, w, case.seed, case.dtype)[0])
+    for name in ("torch_parametrizations", "torch_legacy", "paddle_builtin"):
+        driver = backends.load(name)
+        if driver.unavailable():
+            continue  # its framework is not installed: nothing is collected for it anyway
+        preset = backends.DRIVERS[name].presets[0]
+        assert "degenerate" in driver.unsupported(config, preset)
