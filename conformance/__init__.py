@@ -9,10 +9,15 @@ that start from ``spec.init_uv``, with the stored golden traces.
   :class:`Result`; ``conformance.format_matrix(results)`` renders a case x driver pass/fail
   matrix (for a ``dualsn check`` command).
 * ``python -m conformance.golden --regenerate``: rewrite the golden traces.
+* ``conformance.differential``: the differential harness (each backend's fast path against its
+  plain path, and torch against Paddle, over training runs of whole models);
+  ``differential.run(quick=False)`` returns its checks as pass/fail rows, which
+  ``format_matrix`` renders too.
 
 Importing this package imports no framework; a driver's framework is imported when it runs.
 """
 
+from conformance import differential
 from conformance.runner import Result, check, format_matrix, matrix, run, targets
 
-__all__ = ["Result", "check", "format_matrix", "matrix", "run", "targets"]
+__all__ = ["Result", "check", "differential", "format_matrix", "matrix", "run", "targets"]
