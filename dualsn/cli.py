@@ -623,6 +623,9 @@ def add_check_parser(subparsers) -> None:
     p.add_argument("--no-golden", dest="golden", action="store_false",
                    help="compare with the live reference only, not the stored golden traces")
     p.add_argument("--verbose", action="store_true", help="print every failure's full detail")
+    p.add_argument("--no-differential", dest="differential", action="store_false",
+                   help="skip the differential harness (whole models, fast path vs plain path, "
+                   "torch vs Paddle); it also runs only without --case/--driver")
     p.set_defaults(run=run_check)
 
 
@@ -683,7 +686,27 @@ def run_check(args) -> int:
         print(f"... and {len(failed) - 10} more failures (--verbose prints all)")
     print(f"{len(results)} checks ({len(chosen)} cases x {len(targets)} driver:preset:oracle targets x "
           f"sequences): {counts['pass']} passed, {counts['FAIL']} failed, {counts['skip']} skipped")
+    if args.differential and not (args.case or args.driver):
+        failed = failed + _run_differential(args)
     return EXIT_CHECK_FAILED if failed or not results else EXIT_OK
+
+
+def _run_differential(args) -> list:
+    """The differential harness (``conformance.differential``): prints its matrix and
+    failures; returns the failed checks."""
+    from conformance import differential, format_matrix
+
+    print("\ndifferential harness: whole models, fast path vs plain path, torch vs Paddle")
+    results = differential.run(quick=args.quick)
+    print(format_matrix(results))
+    failed = differential.failures(results)
+    for r in failed[: None if args.verbose else 10]:
+        detail = r.detail if args.verbose else (r.detail.strip().splitlines() or [""])[-1][:200]
+        print(f"FAIL {r.id}: {detail}")
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "skip")}
+    print(f"{len(results)} differential checks: {counts['pass']} passed, {counts['FAIL']} failed, "
+          f"{counts['skip']} skipped")
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -544,6 +544,24 @@ def test_cli_check_quick(capsys):
     assert total == passed + failed + skipped and total > 0
     assert rc == (0 if failed == 0 else 1)
     assert (" FAIL " in out) == (failed > 0)
+    # the differential harness ran too: whole models, fast vs plain, torch vs Paddle
+    m = re.search(r"(\d+) differential checks: (\d+) passed, (\d+) failed, (\d+) skipped", out)
+    assert m and int(m.group(1)) == 24 and int(m.group(2)) + int(m.group(3)) == 24
+    assert "sngan_discriminator/sgd" in out and "torch~paddle:torch:float32" in out
+
+
+def test_cli_check_fails_when_the_differential_harness_fails(checkout, monkeypatch, capsys):
+    import conformance
+    from conformance import differential
+    from conformance.runner import Result
+
+    monkeypatch.setattr(conformance, "run", lambda drivers=None, cases=None, sequences=None, golden=True: [
+        Result(cases[0], "registration", "reference", "torch", "golden", "pass")])
+    bad = differential.DiffResult("resnet", "sgd", "torch", "float32", "paddle", differential.FAIL, "grad/conv1 off by 1e-2")
+    monkeypatch.setattr(differential, "run", lambda quick=False, frameworks=None: [bad])
+    assert cli.main(["check", "--quick"]) == 1
+    assert "FAIL resnet/sgd/torch/float32/paddle: grad/conv1 off by 1e-2" in capsys.readouterr().out
+    assert cli.main(["check", "--quick", "--no-differential"]) == 0
 
 
 @pytest.fixture
