@@ -107,17 +107,23 @@ def float32_run():
     return _train("float32", _plain_relu)
 
 
+def _replayed_errors(run, dtype) -> list[float]:
+    """Per-step gradient errors of ``run`` (grads, pre-activations) against the plain path in
+    ``dtype`` that takes ``run``'s ReLU decisions instead of its own."""
+    grads, pre = run
+    masks = [{k: (v > 0).astype(dtype) for k, v in seen.items()} for seen in pre]
+
+    def replay(step):
+        return lambda t, key: t * paddle.to_tensor(masks[step][key])
+
+    replayed, _ = _train(dtype, replay, plain=True)
+    return [_gradient_error(a, b) for a, b in zip(grads, replayed)]
+
+
 def test_float32_gradients_are_exact_for_the_branches_float32_took(float32_run):
     """Replaying the float32 run's ReLU masks in float64 reproduces its gradients at every
     step to float32 rounding (measured 8e-6)."""
-    grads32, pre32 = float32_run
-    masks = [{k: (v > 0) for k, v in seen.items()} for seen in pre32]
-
-    def replay(step):
-        return lambda t, key: t * paddle.to_tensor(masks[step][key].astype(np.float64))
-
-    grads64, _ = _train("float64", replay, plain=True)
-    errors = [_gradient_error(a, b) for a, b in zip(grads32, grads64)]
+    errors = _replayed_errors(float32_run, "float64")
     assert max(errors) < 1e-4, errors
 
 
@@ -136,12 +142,5 @@ def test_the_state_puts_a_relu_of_the_second_step_below_float32_resolution():
 def test_fast_and_plain_paths_agree_for_the_same_branches(float32_run):
     """dualsn's fast float32 path and its plain twin (Paddle's autograd alone) give the same
     gradients when both follow the fast run's ReLU decisions."""
-    grads_fast, pre_fast = float32_run
-    masks = [{k: (v > 0) for k, v in seen.items()} for seen in pre_fast]
-
-    def replay(step):
-        return lambda t, key: t * paddle.to_tensor(masks[step][key].astype(np.float32))
-
-    grads_plain, _ = _train("float32", replay, plain=True)
-    errors = [_gradient_error(a, b) for a, b in zip(grads_fast, grads_plain)]
+    errors = _replayed_errors(float32_run, "float32")
     assert max(errors) < 1e-4, errors
