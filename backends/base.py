@@ -206,6 +206,8 @@ class Config:
         return self.layer.default_dim if self.dim is None else spec.canonical_dim(self.dim, ndim)
 
     def spec(self, preset: str) -> spec.Spec:
+        if self.operator_norm:  # spectral_norm_conv: its own warm-up (spec.conv_spec)
+            return spec.conv_spec(self.n_power_iterations, self.eps, **self.feature_kwargs)
         return spec.make_spec(preset, self.n_power_iterations, self.eps, **self.feature_kwargs)
 
     def matrix_shape(self) -> tuple[int, int]:

@@ -34,10 +34,19 @@ import importlib
 import math
 
 import numpy as np
-import paddle
+
+try:
+    import paddle
+except ModuleNotFoundError as _error:
+    if _error.name != "paddle":
+        raise
+    raise ModuleNotFoundError(
+        'dualsn.paddle needs PaddlePaddle, which is not installed: pip install "dualsn[paddle]"', name="paddle"
+    ) from _error
 import paddle.nn.functional as F
 
 from dualsn import spec as _spec
+from dualsn.patching import Patch, check_patch_arguments
 
 __all__ = [
     "SpectralNormHook",
@@ -52,6 +61,8 @@ __all__ = [
     "get_spectral_norm",
     "invalidate_cache",
     "plain_path",
+    "patch",
+    "Patch",
 ]
 
 
@@ -319,6 +330,7 @@ class ConvOperator:
 
 _NUMPY_REAL = {paddle.float32: np.float32, paddle.float64: np.float64, paddle.complex64: np.float32, paddle.complex128: np.float64}
 _FLOAT_TINY = {dtype: float(np.finfo(real).tiny) for dtype, real in _NUMPY_REAL.items()}
+_FLOAT_MAX = {dtype: float(np.finfo(real).max) for dtype, real in _NUMPY_REAL.items()}
 
 
 def _host_norm(x) -> float:
@@ -332,9 +344,9 @@ def _host_norm(x) -> float:
     return float(_spec.safe_norm(flat.numpy()))
 
 
-def _normalize_into(y, target, eps: float, recovery=None) -> float:
+def _normalize_into(y, target, eps: float, recovery=None) -> float | None:
     """target <- N(y) = y / max(||y||, eps), in place; returns ||y||. A y whose norm has
-    underflowed gives ``recovery`` instead, when given (``dualsn.spec.normalize``). A NaN or Inf norm raises
+    underflowed gives ``recovery`` instead, when given (``dualsn.spec.normalize``), and None. A NaN or Inf norm raises
     FloatingPointError before target is written (``dualsn.spec.check_finite_sigma``).
 
     target = y * (1 / max(||y||, eps)) by copy_ + scale_: three small ops where F.normalize
@@ -344,7 +356,7 @@ def _normalize_into(y, target, eps: float, recovery=None) -> float:
     _spec.check_finite_sigma(norm)
     if recovery is not None and norm < _FLOAT_TINY.get(target.dtype, 0.0):  # underflowed
         target.copy_(recovery, False)
-        return norm
+        return None  # restarted: sigma is no longer r^2 / max(r, eps), see _sigma_from_norm
     target.copy_(y, False)
     target.scale_(1.0 / max(norm, eps))  # also bumps target's inplace version
     return norm
@@ -400,20 +412,22 @@ def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, No
 def _in_precision(value, dtype):
     """A host number rounded to ``dtype``'s precision, as a tensor computation would give it
     (a float32 sigma of 1e-59 is zero, and then the divisor's floor applies)."""
-    if dtype in (paddle.float32, paddle.complex64):
+    if value is not None and dtype in (paddle.float32, paddle.complex64):
         return complex(np.complex64(value)) if isinstance(value, complex) else float(np.float32(value))
     return value
 
 
-def _sigma_from_norm(norm: float, eps: float) -> float:
+def _sigma_from_norm(norm: float | None, eps: float) -> float | None:
     """sigma = u^H M v after a step, from the norm r of its last vector before normalization:
 
     * order "uv" ends with v = N(y), y = M^H u, and u^H M v = y^H v = r^2 / max(r, eps);
     * order "vu" ends with u = N(y), y = M v, and u^H M v = u^H y, the same number.
 
-    So sigma costs no further pass over W (nor a dot), whatever the clamp to eps did.
+    So sigma costs no further pass over W (nor a dot), whatever the clamp to eps did. After a
+    restart from the recovery vectors (``norm`` None) it does not hold: None, and the caller
+    computes u^H M v.
     """
-    return norm * (norm / max(norm, eps))
+    return None if norm is None else norm * (norm / max(norm, eps))
 
 
 def _power_iteration_(
@@ -446,7 +460,7 @@ def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
         while count < spec.max_iterations:
             norm = _step(op, *vectors, spec.order, spec.eps, recovery)
             count += 1
-            if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
+            if count >= spec.n_power_iterations and None not in (previous, norm) and spec.settled(previous, norm):
                 break
             previous = norm
     return _sigma_from_norm(norm, spec.eps), count
@@ -576,9 +590,10 @@ def _scaled(x, sigma):
     broadcasting divide by a 0-D tensor is several times slower. The result differs from
     x / sigma in the last bit at most.
     """
-    if _is_complex(x) or isinstance(sigma, complex):
-        return x / _scalar(sigma, x)
-    return paddle.scale(x, _inverse(sigma))
+    inverse = None if _is_complex(x) or isinstance(sigma, complex) else _inverse(sigma)
+    if inverse is None or not abs(inverse) <= _FLOAT_MAX.get(x.dtype, math.inf):
+        return x / _scalar(sigma, x)  # (also where 1 / sigma of a subnormal sigma overflows x's dtype)
+    return paddle.scale(x, inverse)
 
 
 def _needs_graph(weight) -> bool:
@@ -817,7 +832,9 @@ def _unfused_divisor(sigma, spec: _spec.Spec):
     """``spec.divisor`` on a 0-D tensor, as a select (no host read): sigma (eps where it is
     zero), or with ``coeff`` sigma / coeff where Re(sigma) > coeff and 1 elsewhere."""
     if spec.coeff is None:
-        return paddle.where(sigma == 0, _scalar(spec.eps, sigma), sigma)
+        # not sigma == 0: Paddle's float equality holds for |sigma| < 1e-15
+        nonzero = paddle.abs(sigma) > 0
+        return paddle.where(nonzero, sigma, _scalar(spec.eps, sigma))
     active = (paddle.real(sigma) if _is_complex(sigma) else sigma) > spec.coeff
     return paddle.where(active, sigma / _scalar(spec.coeff, sigma), paddle.ones_like(sigma))
 
@@ -1100,7 +1117,7 @@ class SpectralNormHook:
             if u is None:
                 # numpy has no bfloat16: widen in paddle first.
                 wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
-                return max(float(np.linalg.norm(wide.numpy().ravel())), self.spec.eps)
+                return max(float(_spec.safe_norm(wide.numpy().ravel())), self.spec.eps)
             record = self._record
             if record is not None and not _PLAIN and paddle.in_dynamic_mode() and record.valid(weight, u, v):
                 return record.sigma
@@ -1597,8 +1614,8 @@ def spectral_norm_conv(
         >>> list(conv.weight_v.shape)
         [3, 16, 16]
     """
-    spec = _spec.make_spec(
-        _spec.CONV_COMPAT, n_power_iterations, eps,
+    spec = _spec.conv_spec(
+        n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
     _spec.check_seed(seed)
@@ -1718,6 +1735,77 @@ def invalidate_cache(layer, name: str = "weight") -> None:
     sampled entries of a large W.
     """
     _require(layer, name, "invalidate_cache").invalidate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching the built-in: existing or PaConvert-converted code builds dualsn's spectral norm
+# without being edited. The machinery (Patch) is dualsn.patching's.
+
+# The modules that hold paddle.nn.utils.spectral_norm (the function object itself), where
+# code looks it up at call time: paddle.nn.utils.spectral_norm(...) as PaConvert writes it,
+# its defining module, and the paddle.nn re-export. Only those that have it are patched.
+_BUILTIN_HOMES = ("paddle.nn.utils", "paddle.nn.utils.spectral_norm_hook", "paddle.nn")
+
+def _builtin_replacement(compat: str, defaults: dict):
+    """A function with ``paddle.nn.utils.spectral_norm``'s signature that registers dualsn's."""
+
+    def spectral_norm_(layer, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+        return spectral_norm(layer, name, n_power_iterations, eps, dim, compat=compat, **defaults)
+
+    spectral_norm_.__name__ = spectral_norm_.__qualname__ = "spectral_norm"
+    spectral_norm_.__doc__ = f"dualsn.paddle.spectral_norm with compat={compat!r}, installed by dualsn.paddle.patch."
+    return spectral_norm_
+
+
+def _builtin_homes() -> list:
+    homes = []
+    for module_name in _BUILTIN_HOMES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # another Paddle version may not have this module
+            continue
+        if hasattr(module, "spectral_norm"):
+            homes.append(module)
+    return homes
+
+
+def patch(compat: str = "torch", **defaults) -> Patch:
+    """Make ``paddle.nn.utils.spectral_norm`` build dualsn's spectral norm; returns a :class:`Patch`.
+
+    ``compat`` is the algorithm the *original* code used. The default, ``"torch"``, is for code
+    converted from torch's ``torch.nn.utils.parametrizations.spectral_norm`` (PaConvert maps it
+    to ``paddle.nn.utils.spectral_norm``, whose algorithm differs): such a model then trains
+    as the torch model did. Code converted from the older ``torch.nn.utils.spectral_norm`` needs
+    ``"torch_legacy"``; Paddle code that wants the built-in's algorithm, ``"paddle"``.
+
+    Replaced: ``spectral_norm`` in ``paddle.nn.utils``, ``paddle.nn.utils.spectral_norm_hook``
+    and ``paddle.nn`` (where they exist). The replacement takes the built-in's arguments
+    ``(layer, name="weight", n_power_iterations=1, eps=1e-12, dim=None)`` and forwards them,
+    with ``compat`` and ``defaults`` (keyword-only options of :func:`spectral_norm`: ``seed``,
+    ``coeff``, ``atol``, ``rtol``, ``max_iterations``, ``num_svs``, ``track_sigma``). Seeding
+    through :func:`dualsn.manual_seed` works as usual. With ``dim=None`` dualsn's default
+    applies, which equals the built-in's (1 for ``paddle.nn.Linear`` and transposed
+    convolutions, else 0).
+
+    Use it as a context manager, or call it and later ``undo()`` (idempotent); either way the
+    exact original function objects come back, and nested patches unwind in order. Names bound
+    before the patch (``from paddle.nn.utils import spectral_norm`` at import time) keep the
+    built-in: build the model (or import its module) inside the patch.
+
+    A bad ``compat`` (ValueError) or option (TypeError, ValueError) is refused before anything
+    is patched.
+
+    Example::
+
+        >>> with patch(compat="torch"):
+        ...     layer = paddle.nn.utils.spectral_norm(paddle.nn.Linear(4, 3))
+        >>> is_spectral_norm(layer)
+        True
+    """
+    check_patch_arguments((compat,), defaults)
+    replacement = _builtin_replacement(compat, defaults)
+    replacements = [(module, "spectral_norm", replacement) for module in _builtin_homes()]
+    return Patch(replacements, {"paddle.nn.utils.spectral_norm": compat})
 
 
 def report(layer):

@@ -31,7 +31,14 @@ import contextlib
 import importlib
 import math
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as _error:
+    if _error.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        'dualsn.torch needs PyTorch, which is not installed: pip install "dualsn[torch]"', name="torch"
+    ) from _error
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations as _parametrizations
@@ -41,6 +48,7 @@ from torch.nn.utils import parametrize
 _legacy = importlib.import_module("torch.nn.utils.spectral_norm")
 
 from dualsn import spec as _spec
+from dualsn.patching import Patch, check_patch_arguments
 
 __all__ = [
     "SpectralNorm",
@@ -58,6 +66,8 @@ __all__ = [
     "WeightMatrix",
     "ConvOperator",
     "plain_path",
+    "patch",
+    "Patch",
 ]
 
 
@@ -296,21 +306,23 @@ def _safe_norm(x: torch.Tensor, check_finite: bool = False):
     or Inf (``dualsn.spec.check_finite_sigma``). Elsewhere a host read would synchronize: the
     norm is always taken of x / max|x|, and nothing is checked.
     """
-    if _reads_host(x):
+    host = _reads_host(x)
+    if host:
         norm = torch.linalg.vector_norm(x, 2, 0, True)
         value = norm.item()
-        if check_finite:
-            _spec.check_finite_sigma(value)
-        if value > _SQRT_TINY[norm.dtype] or not math.isfinite(value):
+        if _SQRT_TINY[norm.dtype] < value < math.inf:
             return norm, value
         if value == 0 and not bool(x.any()):
             return norm, 0.0
-    else:
-        value = None
     scale = x.detach().abs().amax()  # a constant for autograd: s ||x / s|| has ||x||'s gradient
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     norm = torch.linalg.vector_norm(x / scale, 2, 0, True) * scale
-    return norm, None if value is None else norm.item()
+    if not host:
+        return norm, None
+    value = norm.item()
+    if check_finite:
+        _spec.check_finite_sigma(value)
+    return norm, value
 
 
 _SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
@@ -330,9 +342,12 @@ def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: to
     tiny = torch.finfo(norm.dtype).tiny
     if recovery is None or value is not None and value >= tiny:
         torch.div(x, denom, out=out)
-    elif value is not None:  # underflowed (zero included)
+    elif value is not None:  # underflowed (zero included): restart
         out.copy_(recovery)
+        return None  # sigma is no longer r^2 / max(r, eps) (see _sigma_from_last)
     else:
+        # Off the CPU the restart is a select, and sigma is still read off the norm (0: the
+        # forward divides by eps); only sigma() computes u^H W v.
         torch.where(norm < tiny, recovery, x / denom, out=out)
     return norm, denom
 
@@ -375,8 +390,11 @@ def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, No
     return last
 
 
-def _sigma_from_last(last) -> torch.Tensor:
-    """sigma = u^H M v after a step, from its last norm r: r^2 / max(r, eps) (0-d tensor)."""
+def _sigma_from_last(last) -> torch.Tensor | None:
+    """sigma = u^H M v after a step, from its last norm r: r^2 / max(r, eps) (0-d tensor).
+    None after a restart from the recovery vectors: the caller computes u^H M v."""
+    if last is None:
+        return None
     norm, denom = last
     return (norm / denom).mul_(norm).view(())
 
@@ -401,8 +419,8 @@ def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     while count < spec.max_iterations:
         last = _step(op, *vectors, spec.order, spec.eps, recovery)
         count += 1
-        estimate = last[0].item()
-        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
+        estimate = None if last is None else last[0].item()  # None: restarted
+        if count >= spec.n_power_iterations and None not in (previous, estimate) and spec.settled(previous, estimate):
             break
         previous = estimate
     return _sigma_from_last(last), count
@@ -560,9 +578,8 @@ def spectral_norm_forward(
         return spectral_norm_forward(weight.float(), u, v, dim, spec, training).to(weight.dtype)
     if spec.is_exact_vector(weight.ndim):
         return _normalize_exact(weight, spec, training)
-    if training:
-        sigma, _ = _training_steps(WeightMatrix(weight, dim), (u, v, None, None), spec)
-    else:
+    sigma = _training_steps(WeightMatrix(weight, dim), (u, v, None, None), spec)[0] if training else None
+    if sigma is None:  # eval, or restarted from recovery vectors in training
         sigma = _sigma(weight, dim, u, v)
     return _divide(weight, sigma, u, v, dim, spec)
 
@@ -634,28 +651,49 @@ class _PlainMatrix:
         return self.mat.mH @ u
 
 
-def _plain_step(op, us: list, vs: list, spec: _spec.Spec):
+def _plain_norm(x: torch.Tensor) -> torch.Tensor:
+    """``dualsn.spec.safe_norm`` in ordinary operations: the norm of x / max|x| (a constant for
+    autograd), times max|x|, so the squared sum neither overflows nor underflows."""
+    scale = x.detach().abs().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.linalg.vector_norm(x / scale) * scale
+
+
+def _plain_normalize(x: torch.Tensor, eps: float, recovery: torch.Tensor | None = None):
+    """(N(x), ||x||) as ``dualsn.spec.normalize`` writes it, ``recovery`` where ||x|| has
+    underflowed."""
+    norm = _plain_norm(x)
+    out = x / norm.clamp_min(eps)
+    if recovery is not None:
+        out = torch.where(norm < torch.finfo(norm.dtype).tiny, recovery, out)
+    return out, norm
+
+
+def _plain_step(op, us: list, vs: list, spec: _spec.Spec, recovery=(None, None)):
     """``dualsn.spec.power_step`` in ordinary torch operations: the new lists of u's and v's,
-    and the norm of pair 0's last vector before normalization (what atol/rtol compare)."""
+    and the norm of pair 0's last vector before normalization (what atol/rtol compare). A NaN
+    or Inf raises FloatingPointError on the CPU (nothing is written here)."""
     new_us, new_vs, estimate = [], [], None
     for u, v in zip(us, vs):
+        rec_u, rec_v = recovery if not new_us else (None, None)
         if spec.order == "uv":
-            u = F.normalize(_orthogonalize(op.mv(v), new_us), dim=0, eps=spec.eps)
-            last = _orthogonalize(op.mv_h(u), new_vs)
-            v = F.normalize(last, dim=0, eps=spec.eps)
+            u, first = _plain_normalize(_orthogonalize(op.mv(v), new_us), spec.eps, rec_u)
+            v, last = _plain_normalize(_orthogonalize(op.mv_h(u), new_vs), spec.eps, rec_v)
         else:
-            v = F.normalize(_orthogonalize(op.mv_h(u), new_vs), dim=0, eps=spec.eps)
-            last = _orthogonalize(op.mv(v), new_us)
-            u = F.normalize(last, dim=0, eps=spec.eps)
+            v, first = _plain_normalize(_orthogonalize(op.mv_h(u), new_vs), spec.eps, rec_v)
+            u, last = _plain_normalize(_orthogonalize(op.mv(v), new_us), spec.eps, rec_u)
         if estimate is None:
-            estimate = torch.linalg.vector_norm(last)
+            estimate = last
+            if _reads_host(last):
+                _spec.check_finite_sigma(first.item())
+                _spec.check_finite_sigma(last.item())
         new_us.append(u)
         new_vs.append(v)
     return new_us, new_vs, estimate
 
 
 @torch.no_grad()
-def _plain_iterations(op, vectors, spec: _spec.Spec) -> int:
+def _plain_iterations(op, vectors, spec: _spec.Spec, recovery=(None, None)) -> int:
     """The power iterations of one training forward by :func:`_plain_step`, counted as
     ``dualsn.spec.training_iterations`` counts them (written out again, not shared with the
     fast path); the new vectors go into ``vectors`` = (u, v, extra u rows, extra v rows).
@@ -666,12 +704,12 @@ def _plain_iterations(op, vectors, spec: _spec.Spec) -> int:
     us, vs = buffers_u, buffers_v
     if not spec.uses_tolerance:
         for _ in range(spec.n_power_iterations):
-            us, vs, _ = _plain_step(op, us, vs, spec)
+            us, vs, _ = _plain_step(op, us, vs, spec, recovery)
         count = spec.n_power_iterations
     else:
         previous, count = None, 0
         while count < spec.max_iterations:
-            us, vs, estimate = _plain_step(op, us, vs, spec)
+            us, vs, estimate = _plain_step(op, us, vs, spec, recovery)
             count += 1
             estimate = estimate.item()
             if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
@@ -684,7 +722,7 @@ def _plain_iterations(op, vectors, spec: _spec.Spec) -> int:
     return count
 
 
-def _plain_normalized_weight(weight: torch.Tensor, op_of, vectors, spec: _spec.Spec, training: bool):
+def _plain_normalized_weight(weight: torch.Tensor, op_of, vectors, spec: _spec.Spec, training: bool, recovery=(None, None)):
     """(normalized weight, sigma, iterations run) of one forward on the plain path.
 
     ``op_of(w)`` is the operator (``mv``, ``mv_h``) of a weight in the compute dtype;
@@ -694,9 +732,12 @@ def _plain_normalized_weight(weight: torch.Tensor, op_of, vectors, spec: _spec.S
     w = _upcast(weight)  # half precision: the math in float32, the result cast back
     with _no_autocast(w.device.type):
         if spec.is_exact_vector(w.ndim):
-            sigma, count = torch.linalg.vector_norm(w).clamp_min(spec.eps), 0
+            norm, count = _plain_norm(w), 0
+            if training and _reads_host(norm):
+                _spec.check_finite_sigma(norm.item())
+            sigma = norm.clamp_min(spec.eps)
         else:
-            count = _plain_iterations(op_of(w), vectors, spec) if training else 0
+            count = _plain_iterations(op_of(w), vectors, spec, recovery) if training else 0
             # Clones: autograd saves u, v for backward, and later forwards overwrite the buffers.
             u, v = vectors[0].clone(), vectors[1].clone()
             sigma = torch.vdot(u, op_of(w).mv(v))
@@ -1035,7 +1076,9 @@ class SpectralNorm(nn.Module):
                 self._operator(weight), vectors, self.spec, self._recovery(vectors[0])
             )
         else:
-            sigma, attrs["last_iterations"] = self._sigma_of(weight), 0
+            sigma, attrs["last_iterations"] = None, 0
+        if sigma is None:  # eval, or restarted from the recovery vectors in training
+            sigma = self._sigma_of(weight)
         return self._divide_by(weight, sigma), sigma
 
     def _recovery(self, like: torch.Tensor):
@@ -1085,8 +1128,10 @@ class SpectralNorm(nn.Module):
     def _plain_forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The forward under :func:`plain_path`: the same state updates, neither the eval cache
         nor the kept sigma touched."""
+        vectors = self._vectors()
+        recovery = (None, None) if vectors[0] is None else self._recovery(vectors[0])
         out, sigma, count = _plain_normalized_weight(
-            weight, self._plain_operator, self._vectors(), self.spec, self.training
+            weight, self._plain_operator, vectors, self.spec, self.training, recovery
         )
         attrs = self.__dict__
         attrs["last_iterations"] = count
@@ -1520,8 +1565,8 @@ def spectral_norm_conv(
         >>> conv.parametrizations.weight[0]._v.shape
         torch.Size([3, 16, 16])
     """
-    sn_spec = _spec.make_spec(
-        _spec.CONV_COMPAT, n_power_iterations, eps,
+    sn_spec = _spec.conv_spec(
+        n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
     _spec.check_seed(seed)
@@ -1631,6 +1676,65 @@ def singular_values(module: nn.Module, name: str = "weight") -> list[float]:
     """
     plist, index, sn = _require(module, name, "singular_values")
     return sn.singular_values(_sn_input(plist, index))
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching the built-ins: existing code builds dualsn's spectral norm without being edited.
+# The machinery (Patch) is dualsn.patching's; each backend patches only its own framework.
+
+def _builtin_replacement(compat: str, defaults: dict):
+    """A function with the torch built-ins' signature that registers dualsn's spectral norm."""
+
+    def spectral_norm_(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+        return spectral_norm(module, name, n_power_iterations, eps, dim, compat=compat, **defaults)
+
+    spectral_norm_.__name__ = spectral_norm_.__qualname__ = "spectral_norm"
+    spectral_norm_.__doc__ = f"dualsn.torch.spectral_norm with compat={compat!r}, installed by dualsn.torch.patch."
+    return spectral_norm_
+
+
+def patch(compat: str | None = None, **defaults) -> Patch:
+    """Make torch's spectral-norm functions build dualsn's spectral norm; returns a :class:`Patch`.
+
+    Replaced: ``torch.nn.utils.parametrizations.spectral_norm`` (preset ``compat``, default
+    ``"torch"``) and the older ``torch.nn.utils.spectral_norm`` (also under
+    ``torch.nn.utils.spectral_norm.spectral_norm``; preset ``compat``, default
+    ``"torch_legacy"``). So without ``compat`` each call keeps its built-in's algorithm. The
+    replacements take the built-ins' arguments ``(module, name="weight",
+    n_power_iterations=1, eps=1e-12, dim=None)`` and forward them, with ``compat`` and
+    ``defaults`` (keyword-only options of :func:`spectral_norm`: ``seed``, ``coeff``,
+    ``atol``, ``rtol``, ``max_iterations``, ``num_svs``, ``track_sigma``). Seeding through
+    :func:`dualsn.manual_seed` works as usual.
+
+    Use it as a context manager, or call it and later ``undo()`` (idempotent); either way the
+    exact original function objects come back, and nested patches unwind in order. Names bound
+    before the patch (``from torch.nn.utils.parametrizations import spectral_norm`` at import
+    time) keep the built-in: build the model (or import its module) inside the patch.
+
+    A bad ``compat`` (ValueError) or option (TypeError, ValueError) is refused before anything
+    is patched.
+
+    Example::
+
+        >>> with patch():
+        ...     layer = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3))
+        >>> is_spectral_norm(layer)
+        True
+    """
+    modern = "torch" if compat is None else compat
+    legacy = "torch_legacy" if compat is None else compat
+    check_patch_arguments((modern, legacy), defaults)
+    modern_fn = _builtin_replacement(modern, defaults)
+    legacy_fn = _builtin_replacement(legacy, defaults)
+    utils = importlib.import_module("torch.nn.utils")
+    replacements = [(_parametrizations, "spectral_norm", modern_fn), (utils, "spectral_norm", legacy_fn)]
+    if hasattr(_legacy, "spectral_norm"):  # the function inside the module it shadows
+        replacements.append((_legacy, "spectral_norm", legacy_fn))
+    compat_of = {
+        "torch.nn.utils.parametrizations.spectral_norm": modern,
+        "torch.nn.utils.spectral_norm": legacy,
+    }
+    return Patch(replacements, compat_of)
 
 
 # ---------------------------------------------------------------------------------------------

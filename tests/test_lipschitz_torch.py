@@ -498,12 +498,12 @@ def test_conv_sigma_is_the_exact_operator_norm(case):
 @pytest.mark.parametrize("num_svs", [1, 2])
 def test_conv_equals_reference_on_the_explicit_matrix(case, coeff, num_svs):
     """Step by step, u, v (flattened) and sigma are spec.ReferenceSN's on the explicit matrix
-    with the "torch_legacy" preset (order vu, no warm-up), from init_uv(out_numel, in_numel,
-    seed); the normalized kernel is W / divisor(sigma), and dL/dW is G / d - <W_sn, G> k dsigma/dW
+    with spec.conv_spec (order vu, spec.CONV_WARMUP_ITERATIONS at registration), from
+    init_uv(out_numel, in_numel, seed); the normalized kernel is W / divisor(sigma), and dL/dW is G / d - <W_sn, G> k dsigma/dW
     with dsigma/dW[j] = u^T M(e_j) v read off explicit matrices of basis kernels."""
     conv, input_shape = make_conv(case, seed=4)
     matrix = conv_matrix(conv, conv.weight, input_shape)
-    sp = spec.make_spec("torch_legacy", 3, coeff=coeff, num_svs=num_svs)
+    sp = spec.conv_spec(3, coeff=coeff, num_svs=num_svs)
     dt.spectral_norm_conv(conv, input_shape, n_power_iterations=3, coeff=coeff, num_svs=num_svs, seed=5)
     rows, cols = matrix.shape
     u0, v0 = spec.init_uv(rows, cols, 5, np.float64)

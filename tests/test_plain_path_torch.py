@@ -355,6 +355,10 @@ def test_exact_vector_with_coeff_and_track_sigma():
     "features", [{}, *FEATURES], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "plain"
 )
 def test_spectral_norm_conv_equals_fast_path(features, dtype):
+    if dtype == torch.float32 and features.get("rtol", 1) < 1e-6:
+        # After the conv warm-up sigma has settled to float32 rounding: a stop at rtol 1e-7 is
+        # decided by rounding, and two correct paths may stop one iteration apart.
+        features = {**features, "rtol": 1e-5}
     xs = inputs("sn_conv", dtype)
     plain = train(make("sn_conv", dtype, **features), xs, plain=True)
     fast = train(make("sn_conv", dtype, **features), xs, plain=False)
