@@ -6,10 +6,14 @@ Subcommands:
     Builds the target model by calling ``factory()``, loads the checkpoint SRC (a torch
     ``.pt``/``.pth`` or a Paddle ``.pdparams`` file; read without running code from it) into
     it with :func:`dualsn.port.load_state_dict`, prints one line per tensor, and writes DST in
-    the target framework's format. ``--source-model pkg.module:factory`` builds the model SRC
-    belongs to, so each Linear's layout is known rather than assumed; ``--check`` then feeds
-    the same random input to both models (in eval mode) and prints the largest absolute and
-    relative difference of their outputs. DST is written only when everything succeeded.
+    the target framework's format, recording the model's spectral-norm presets in it. A nested
+    SRC is narrowed to the state dict that fits (``--key``, ``--strip-prefix``); a spectral norm
+    whose preset differs from the source's prints a warning line (``--strict-presets``: exit 6).
+    ``--source-model pkg.module:factory`` builds the model SRC belongs to, so each Linear's
+    layout and each preset are known rather than assumed; ``--check`` then feeds the same random
+    inputs (``--input x:float32[4,3,32,32] --input "y:int64[4]<10"``, ``--input-shape`` or
+    ``--input-fn``) to both models (in eval mode) and prints the largest absolute and relative
+    difference of their outputs. DST is written only when everything succeeded.
 
 ``dualsn demo``
     Trains a small SN-GAN discriminator in PyTorch on synthetic data, ports it to Paddle and
@@ -20,6 +24,8 @@ Subcommands:
     Per-layer table of every spectral norm in the model: sigma estimate vs the exact largest
     singular value (SVD), and the products of sigma (see :mod:`dualsn.report`). ``--plot``
     draws the estimate over power iterations (needs the ``plot`` extra: matplotlib).
+    ``dualsn report --checkpoint FILE`` alone describes the file (:func:`dualsn.port.describe`):
+    flavour, preset, dim, shape and sigma of each spectral norm.
 
 ``dualsn check [--quick]``
     Runs the conformance suite (``conformance.run``) on the drivers whose frameworks are
@@ -27,12 +33,14 @@ Subcommands:
     top-level ``backends/`` and ``conformance/`` folders next to the ``dualsn`` package.
 
 Exit codes: 0 success; 1 ``port --check`` or ``demo`` found a difference above ``--rtol``, or
-``check`` found a failing case; 2 bad usage, or ``check`` without the source checkout; 3 a
-file (SRC, ``--checkpoint``) does not exist; 4 it is not a checkpoint this tool can read
-(unknown or wrong format, or content it refuses); 5 a factory cannot be imported or called, or
-does not return a model; 6 the checkpoint does not fit the model; 7 DST exists (pass
-``--overwrite``), also when it appeared while DST was being written; 8 an optional dependency
-is missing (a framework, or matplotlib for ``--plot``): the message names the ``pip install
+``check`` found a failing case; 2 bad usage (a malformed ``--input`` included), or ``check``
+without the source checkout; 3 a file (SRC, ``--checkpoint``) does not exist; 4 it is not a
+checkpoint this tool can read (unknown or wrong format, or content it refuses), or a nested one
+whose state dict cannot be chosen (the candidates are listed); 5 a factory cannot be imported or
+called, or does not return a model; 6 the checkpoint does not fit the model (a preset mismatch
+with ``--strict-presets`` included); 7 DST exists (pass ``--overwrite``), also when it appeared
+while DST was being written; 8 an optional dependency is missing (a framework, also one a
+factory imports, or matplotlib for ``--plot``): the message names the ``pip install
 "dualsn[...]"`` extra; 9 DST (or the --plot file) cannot be written (a read-only directory, a
 full disk): one line says why, and DST is left as it was. Every error is one message on
 stderr, with control characters escaped.
@@ -56,8 +64,11 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
+import re
 import sys
+import warnings
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -165,8 +176,39 @@ def _import_named(module_name: str) -> tuple[object, str]:
     return module, hint
 
 
+FRAMEWORK_EXTRAS = {"torch": "torch", "paddle": "paddle"}
+"""The ``dualsn[...]`` extra that installs each framework."""
+
+
+def _missing_framework(error: BaseException) -> str | None:
+    """The framework (``"torch"``, ``"paddle"``) whose absence caused ``error``: a
+    ModuleNotFoundError for it, raised directly or as the cause or context of another error
+    (an ImportError with an install hint, say), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ModuleNotFoundError):
+            top = (error.name or "").partition(".")[0]
+            if top in FRAMEWORK_EXTRAS:
+                return top
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _missing_framework_error(option: str, spec: str, error: BaseException) -> CLIError | None:
+    framework = _missing_framework(error)
+    if framework is None:
+        return None
+    return CLIError(
+        EXIT_MISSING,
+        f'{option} {spec!r} needs {framework}, which is not installed: pip install "dualsn[{FRAMEWORK_EXTRAS[framework]}]" '
+        f"({type(error).__name__}: {error})",
+    )
+
+
 def resolve(spec: str, option: str):
-    """The object named by ``pkg.module:attr`` (``attr`` may be dotted)."""
+    """The object named by ``pkg.module:attr`` (``attr`` may be dotted). A module that cannot
+    be imported because torch or Paddle is missing is exit 8, naming the extra to install."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CLIError(EXIT_USAGE, f"{option} {spec!r}: expected the form pkg.module:factory")
@@ -174,6 +216,9 @@ def resolve(spec: str, option: str):
     try:
         obj, hint = _import_named(module_name)
     except Exception as e:  # ImportError, or anything the module raises while importing
+        missing = _missing_framework_error(option, spec, e)
+        if missing is not None:
+            raise missing from None
         raise CLIError(
             EXIT_FACTORY, f"{option} {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}"
         ) from None
@@ -194,6 +239,9 @@ def build_model(spec: str, option: str):
     try:
         model = factory()
     except Exception as e:
+        missing = _missing_framework_error(option, spec, e)
+        if missing is not None:
+            raise missing from None
         raise CLIError(EXIT_FACTORY, f"{option} {spec!r}: calling it failed: {type(e).__name__}: {e}") from None
     try:
         port.framework_of(model)
@@ -226,13 +274,24 @@ def add_port_parser(subparsers) -> None:
                    "are then known exactly; required by --check)")
     p.add_argument("--check", action="store_true",
                    help="compare both models' outputs on the same random input")
+    p.add_argument("--input", action="append", default=[], metavar="SPEC",
+                   help="one random input for --check, in order: [NAME:]DTYPE[D1,D2,...] with an optional "
+                   "range <N ([0, N)) or [A,B) after it, e.g. x:float32[4,3,32,32] y:int64[4]<10; floats "
+                   "without a range are standard normal, integers need one (repeat for several inputs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="N,C,...",
-                   help="shape of one float32 random input for --check (repeat for several inputs)")
+                   help="shape of one float32 standard-normal input for --check (same as --input float32[N,C,...])")
     p.add_argument("--input-fn", metavar="PKG.MODULE:FN",
                    help="function returning the numpy input(s) for --check (instead of --input-shape)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest relative difference --check accepts (default 1e-4)")
+    add_selection_arguments(p)
+    p.add_argument("--strict-presets", action="store_true",
+                   help="refuse to load spectral-norm state into a layer whose preset differs from the "
+                   "source's (by default a warning)")
+    p.add_argument("--source-preset", choices=("torch", "torch_legacy", "paddle"),
+                   help="the preset SRC's spectral norms were trained with, when its keys do not tell "
+                   "(e.g. a dualsn.paddle model with compat='torch' saved by paddle.save)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="tolerate missing and unexpected tensors (shapes and dtypes must still fit)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -240,6 +299,93 @@ def add_port_parser(subparsers) -> None:
     p.add_argument("--allow-degenerate", action="store_true",
                    help="load NaN/Inf values and all-zero u, v (refused by default)")
     p.set_defaults(run=run_port)
+
+
+def add_selection_arguments(p) -> None:
+    """--key and --strip-prefix: which state dict of a nested checkpoint to use."""
+    p.add_argument("--key", metavar="DOTTED.PATH",
+                   help="the entry of a nested checkpoint to use, e.g. state_dict, G_ema, netG, "
+                   "state_dict.model (by default the one that fits the model; exit 4 lists them when "
+                   "several do)")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="take PREFIX off the keys that have it, e.g. module. (module., _orig_mod. and "
+                   "model. are taken off by themselves when every key has one and the model has none)")
+
+
+# [NAME:]DTYPE[D1,...][RANGE]
+_INPUT_SPEC = re.compile(
+    r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_.-]*):)?(?P<dtype>[A-Za-z0-9]+)\[(?P<shape>[^\]]*)\]"
+    r"(?:<(?P<below>[^\[\]<]+)|\[(?P<low>[^,\]]+),(?P<high>[^)\]]+)\))?$"
+)
+INPUT_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+_INPUT_FORM = ("expected [NAME:]DTYPE[D1,D2,...] with an optional range <N (meaning [0, N)) or [A,B), "
+               "e.g. x:float32[4,3,32,32] or y:int64[4]<10")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One ``--input``: ``name`` (for messages), numpy ``dtype``, ``shape``, and ``low``/``high``:
+    values drawn uniformly from [low, high); None for a standard-normal float input."""
+
+    text: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    low: float | None = None
+    high: float | None = None
+
+    def draw(self, rng):
+        import numpy as np
+
+        if self.dtype == "bool":
+            return rng.integers(0, 2, self.shape).astype(np.bool_)
+        if np.dtype(self.dtype).kind in "iu":
+            return rng.integers(int(self.low), int(self.high), self.shape, dtype=np.dtype(self.dtype))
+        if self.low is None:
+            return rng.standard_normal(self.shape).astype(self.dtype)
+        return rng.uniform(self.low, self.high, self.shape).astype(self.dtype)
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse one ``--input`` spec; a CLIError (exit 2) names the spec and the expected form."""
+    import numpy as np
+
+    def bad(why: str) -> CLIError:
+        return CLIError(EXIT_USAGE, f"--input {text!r}: {why}; {_INPUT_FORM}")
+
+    m = _INPUT_SPEC.match(text.strip())
+    if m is None:
+        raise bad("not an input spec")
+    dtype = m.group("dtype").lower()
+    if dtype not in INPUT_DTYPES:
+        raise bad(f"unknown dtype {m.group('dtype')!r} (known: {', '.join(INPUT_DTYPES)})")
+    parts = [t.strip() for t in m.group("shape").split(",")] if m.group("shape").strip() else []
+    if not all(t.isdigit() and int(t) > 0 for t in parts):
+        raise bad(f"the shape [{m.group('shape')}] must be positive integers separated by commas")
+    shape = tuple(int(t) for t in parts)
+    integer = dtype != "bool" and np.dtype(dtype).kind in "iu"
+    number = int if integer else float
+    low = high = None
+    try:
+        if m.group("below") is not None:
+            low, high = number(0), number(m.group("below").strip())
+        elif m.group("low") is not None:
+            low, high = number(m.group("low").strip()), number(m.group("high").strip())
+    except ValueError:
+        raise bad(f"the range must be {'integers' if integer else 'numbers'} for {dtype}") from None
+    if dtype == "bool" and low is not None:
+        raise bad("a bool input takes no range (it is drawn from {False, True})")
+    if low is None and integer:
+        raise bad(f"an integer input needs a range, e.g. {m.group('name') + ':' if m.group('name') else ''}"
+                  f"{dtype}[{m.group('shape')}]<10")
+    if low is not None:
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise bad(f"the range [{low}, {high}) is empty or not finite")
+        if integer:
+            info = np.iinfo(dtype)
+            if low < info.min or high - 1 > info.max:
+                raise bad(f"the range [{low}, {high}) does not fit {dtype}")
+    return InputSpec(text, m.group("name") or "", dtype, shape, low, high)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -252,12 +398,24 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _elements(obj, seen: set) -> int:
+    """Tensor elements in a (nested) checkpoint."""
+    import numpy as np
+
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return int(np.prod(tuple(obj.shape)))
+    if isinstance(obj, (dict, list, tuple)) and id(obj) not in seen:
+        seen.add(id(obj))
+        return sum(_elements(v, seen) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return 0
+
+
 def _progress(state) -> object:
     """A tqdm wrapper for the copy steps of a large checkpoint (shown on a terminal only)."""
     import numpy as np
     from tqdm import tqdm
 
-    elements = sum(int(np.prod(tuple(v.shape))) for v in state.values() if hasattr(v, "shape"))
+    elements = _elements(state, set())
     disable = None if elements >= PROGRESS_MIN_ELEMENTS else True  # None: only on a tty
 
     def wrap(steps):
@@ -296,7 +454,15 @@ def _inputs(args) -> list:
         values = list(values) if isinstance(values, (tuple, list)) else [values]
         return [np.asarray(v) for v in values]
     rng = np.random.default_rng(args.seed)
-    return [rng.standard_normal(_parse_shape(s)).astype(np.float32) for s in args.input_shape]
+    specs = _input_specs(args)
+    return [spec.draw(rng) for spec in specs]
+
+
+def _input_specs(args) -> list[InputSpec]:
+    """The random inputs of --check: each --input, or each --input-shape as a float32 one."""
+    if args.input:
+        return [parse_input_spec(text) for text in args.input]
+    return [InputSpec(text, "", "float32", _parse_shape(text)) for text in args.input_shape]
 
 
 def _run_model(model, inputs) -> list:
@@ -374,19 +540,55 @@ def _checkpoint_format(path: str) -> str:
 
 
 def _read_checkpoint(path: str) -> dict:
-    """The checkpoint ``path`` as a flat state dict (nested keys joined with dots)."""
+    """The checkpoint ``path`` as written (nested entries and dualsn's record kept; the
+    state dict is chosen when it is loaded, with --key and --strip-prefix)."""
     from dualsn import port
 
     try:
-        return port.flatten_state_dict(port.load_checkpoint(path))
+        return port.load_checkpoint(path)
     except port.CheckpointError as e:
         raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
     except FileNotFoundError:
         raise CLIError(EXIT_NO_FILE, f"{path}: no such file") from None
-    except ValueError as e:  # flatten_state_dict
-        raise CLIError(EXIT_BAD_FORMAT, f"{path}: {e}") from None
     except OSError as e:
         raise CLIError(EXIT_BAD_FORMAT, f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def _load_into(model, state, args, option: str, *, source_fw, progress=None, strict=True, check_presets=True):
+    """port.load_state_dict with the command's options; its errors as CLIErrors: a checkpoint
+    whose state dict cannot be chosen (4), one that does not fit (6)."""
+    from dualsn import port
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", port.PresetMismatchWarning)  # printed from the report
+            return port.load_state_dict(
+                model, state, source=source_fw, strict=strict, progress=progress,
+                allow_degenerate=args.allow_degenerate, key=getattr(args, "key", None),
+                strip_prefix=getattr(args, "strip_prefix", None),
+                strict_presets=check_presets and getattr(args, "strict_presets", False),
+                source_preset=getattr(args, "source_preset", None))
+    except port.CheckpointError as e:
+        raise CLIError(EXIT_BAD_FORMAT, f"{args.checkpoint if option == '--checkpoint' else args.src}: {e}") from None
+    except port.PortError as e:
+        where = args.checkpoint if option == "--checkpoint" else args.src
+        raise CLIError(EXIT_MISMATCH, f"{where} does not fit {option}: {e}") from None
+
+
+def _print_selection(report, path: str, out) -> None:
+    if report.key:
+        print(f"using entry {terminal_text(report.key)!r} of {terminal_text(path)}", file=out)
+    if report.stripped_prefix:
+        print(f"stripped the key prefix {terminal_text(report.stripped_prefix)!r}", file=out)
+
+
+def _print_mismatches(report, out) -> None:
+    for m in report.preset_mismatches:
+        print(f"warning: preset mismatch: {terminal_text(str(m))}", file=out)
+    if report.preset_mismatches:
+        print(f"warning: training will not continue the source's power iteration step for step; build the "
+              f"model with compat={report.preset_mismatches[0].source!r}, or pass --strict-presets to refuse",
+              file=out)
 
 
 def _save(state, path: str, framework: str, overwrite: bool) -> None:
@@ -402,7 +604,9 @@ def _save(state, path: str, framework: str, overwrite: bool) -> None:
 
 
 def _port_from_source_model(args, state, source_fw, target, progress):
-    """Load SRC into the --source-model, then port that model to the target (layouts known)."""
+    """Load SRC into the --source-model, then port that model to the target (layouts and
+    presets known). The --source-model is the model SRC was saved from: its presets, not the
+    keys', are the source's."""
     from dualsn import port
 
     source_model = build_model(args.source_model, "--source-model")
@@ -412,18 +616,20 @@ def _port_from_source_model(args, state, source_fw, target, progress):
             EXIT_USAGE,
             f"{args.src} is a {source_fw} checkpoint but --source-model builds a {model_fw} model",
         )
+    first = _load_into(source_model, state, args, "--source-model", source_fw=source_fw, check_presets=False)
     try:
-        first = port.load_state_dict(source_model, state, source=source_fw,
-                                     allow_degenerate=args.allow_degenerate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", port.PresetMismatchWarning)
+            report = port.port_model(source_model, target, strict=args.strict, progress=progress,
+                                     allow_degenerate=args.allow_degenerate, strict_presets=args.strict_presets)
     except port.PortError as e:
-        raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --source-model: {e}") from None
-    report = port.port_model(source_model, target, strict=args.strict, progress=progress,
-                             allow_degenerate=args.allow_degenerate)
+        raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --model: {e}") from None
     # Name each tensor's origin in SRC, not in the intermediate source model.
     in_src = {e.key: e.source_key for e in first.entries}
     report.entries = [
         dataclasses.replace(e, source_key=in_src.get(e.source_key, e.source_key)) for e in report.entries
     ]
+    report.key, report.stripped_prefix = first.key, first.stripped_prefix
     return source_model, report
 
 
@@ -433,8 +639,12 @@ def run_port(args) -> int:
     out = sys.stdout
     if args.check and not args.source_model:
         raise CLIError(EXIT_USAGE, "--check needs --source-model (the model SRC belongs to)")
-    if args.check and not (args.input_shape or args.input_fn):
-        raise CLIError(EXIT_USAGE, "--check needs --input-shape or --input-fn")
+    if args.input and (args.input_shape or args.input_fn):
+        raise CLIError(EXIT_USAGE, "--input cannot be combined with --input-shape or --input-fn: use one of them")
+    if args.check and not (args.input or args.input_shape or args.input_fn):
+        raise CLIError(EXIT_USAGE, "--check needs --input, --input-shape or --input-fn")
+    if not args.input_fn:
+        _input_specs(args)  # malformed specs: exit 2 before anything is read or built
     source_fw = _checkpoint_format(args.src)
     if os.path.lexists(args.dst) and not args.overwrite:
         raise CLIError(EXIT_EXISTS, f"{args.dst} exists; pass --overwrite to replace it")
@@ -452,27 +662,26 @@ def run_port(args) -> int:
     state = _read_checkpoint(args.src)
     progress = _progress(state)
     source_model = None
-    try:
-        if args.source_model:
-            source_model, report = _port_from_source_model(args, state, source_fw, target, progress)
-        else:
-            report = port.load_state_dict(target, state, source=source_fw, strict=args.strict,
-                                          progress=progress, allow_degenerate=args.allow_degenerate)
-    except port.PortError as e:
-        raise CLIError(EXIT_MISMATCH, f"{args.src} does not fit --model: {e}") from None
+    if args.source_model:
+        source_model, report = _port_from_source_model(args, state, source_fw, target, progress)
+    else:
+        report = _load_into(target, state, args, "--model", source_fw=source_fw, progress=progress,
+                            strict=args.strict)
 
+    _print_selection(report, args.src, out)
     if not args.quiet:
         _print_table([_describe(e) for e in report.entries], out)
     for key in report.missing:
         print(f"warning: {terminal_text(key)} not in the source: left as the model built it", file=out)
     for key in report.unexpected:
         print(f"warning: {terminal_text(key)} in the source has no place in the target: skipped", file=out)
+    _print_mismatches(report, out)
 
     if args.check and not _check(source_model, target, args, out):
         print(f"{terminal_text(args.dst)} not written", file=out)
         return EXIT_CHECK_FAILED
 
-    _save(port._adapter(target_fw).state(target), args.dst, target_fw, args.overwrite)
+    _save(target, args.dst, target_fw, args.overwrite)  # the model: its presets are recorded in DST
     n_t = sum(e.transposed for e in report.entries)
     n_sn = sum(bool(e.sn) for e in report.entries)
     print(
@@ -544,10 +753,13 @@ def add_report_parser(subparsers) -> None:
         "convolutions the reshaped-kernel sigma is not the operator norm, so there they are "
         "heuristics.",
     )
-    p.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
-                   help="factory that builds the model (called without arguments)")
+    p.add_argument("--model", metavar="PKG.MODULE:FACTORY",
+                   help="factory that builds the model (called without arguments); without it, "
+                   "--checkpoint is described from its state alone")
     p.add_argument("--checkpoint", metavar="FILE",
-                   help="state to load first (.pt/.pth or .pdparams; ported if from the other framework)")
+                   help="state to load first (.pt/.pth or .pdparams; ported if from the other framework); "
+                   "its flavour, presets, spectral norms and sigma are printed")
+    add_selection_arguments(p)
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--plot", metavar="FILE.png",
                    help="also draw the estimate vs exact over power iterations, per layer (needs matplotlib)")
@@ -557,24 +769,48 @@ def add_report_parser(subparsers) -> None:
     p.set_defaults(run=run_report)
 
 
+def _describe_checkpoint(args, key: str | None = None):
+    """port.describe of --checkpoint (with --key/--strip-prefix), errors as CLIErrors."""
+    from dualsn import port
+
+    try:
+        return port.describe(args.checkpoint, key=key or args.key, strip_prefix=args.strip_prefix)
+    except port.CheckpointError as e:
+        raise CLIError(EXIT_BAD_FORMAT, f"{args.checkpoint}: {e}" if args.checkpoint not in str(e) else str(e)) from None
+    except FileNotFoundError:
+        raise CLIError(EXIT_NO_FILE, f"{args.checkpoint}: no such file") from None
+    except ValueError as e:  # flattening a shared or cyclic container
+        raise CLIError(EXIT_BAD_FORMAT, f"{args.checkpoint}: {e}") from None
+    except OSError as e:
+        raise CLIError(EXIT_BAD_FORMAT, f"{args.checkpoint}: cannot read it: {e.strerror or e}") from None
+
+
 def run_report(args) -> int:
     import importlib.util
 
-    from dualsn import port, report
+    from dualsn import report
 
+    if args.model is None and args.checkpoint is None:
+        raise CLIError(EXIT_USAGE, "report needs --model, --checkpoint or both")
     if args.plot is not None:
+        if args.model is None:
+            raise CLIError(EXIT_USAGE, "--plot needs --model")
         if importlib.util.find_spec("matplotlib") is None:
             raise CLIError(EXIT_MISSING, '--plot needs matplotlib: pip install "dualsn[plot]"')
         if args.iterations < 1:
             raise CLIError(EXIT_USAGE, f"--iterations {args.iterations}: expected an integer >= 1")
     source_fw = _checkpoint_format(args.checkpoint) if args.checkpoint is not None else None
+    if args.model is None:  # the checkpoint alone
+        description = _describe_checkpoint(args)
+        print(terminal_text(str(description), keep_newlines=True))
+        return EXIT_OK
     model = build_model(args.model, "--model")
     if args.checkpoint is not None:
         state = _read_checkpoint(args.checkpoint)
-        try:
-            port.load_state_dict(model, state, source=source_fw, allow_degenerate=args.allow_degenerate)
-        except port.PortError as e:
-            raise CLIError(EXIT_MISMATCH, f"{args.checkpoint} does not fit --model: {e}") from None
+        loaded = _load_into(model, state, args, "--checkpoint", source_fw=source_fw)
+        print(terminal_text(_describe_checkpoint(args, key=loaded.key).summary()))  # the entry loaded
+        _print_selection(loaded, args.checkpoint, sys.stdout)
+        _print_mismatches(loaded, sys.stdout)
     result = report.report(model)
     print(result.to_markdown() if args.markdown else str(result))
     if args.plot is not None:

@@ -33,8 +33,16 @@ Loading is transactional: every pair is checked first (missing, unexpected, shap
 spectral norm's axis), every source value is converted to the array that will be copied (byte
 order, strides, sparse layout) or refused (meta tensors, Python objects, and by default NaN/Inf
 values and all-zero u, v), and one :class:`PortError` lists every problem; when it is raised
-the target is unchanged. Nested state dicts are flattened with dotted keys
-(:func:`flatten_state_dict`).
+the target is unchanged. A nested checkpoint is narrowed to the state dict that fits the
+target (:func:`select_state_dict`: ``key``, ``strip_prefix``, the ``module.``/``_orig_mod.``
+prefixes), and nested state dicts are flattened with dotted keys (:func:`flatten_state_dict`).
+
+Presets: each spectral norm's preset in the source (dualsn's record in the file, the live
+source model, or the key layout: torch parametrization -> "torch", the older torch hook ->
+"torch_legacy", Paddle's hook -> "paddle") is compared with the target's; a different
+algorithm warns (:class:`PresetMismatchWarning`) or, with ``strict_presets``, is refused.
+:func:`describe` reports the flavour, preset, dim and sigma of every spectral norm of a
+checkpoint.
 
 :func:`torch_to_paddle` and :func:`paddle_to_torch` port between two live models, where each
 source Linear's layout (and each spectral norm's dim) is known exactly. For a raw state dict,
@@ -63,6 +71,7 @@ import secrets
 import stat
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -78,10 +87,19 @@ __all__ = [
     "detect_format",
     "flatten_state_dict",
     "framework_of",
+    "select_state_dict",
+    "describe",
+    "presets_of",
+    "checkpoint_metadata",
     "Entry",
     "PortReport",
+    "Selection",
+    "PresetMismatch",
+    "CheckpointDescription",
+    "SNLayerDescription",
     "PortError",
     "CheckpointError",
+    "PresetMismatchWarning",
 ]
 
 FRAMEWORKS = ("torch", "paddle")
@@ -103,7 +121,35 @@ class PortError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is not a state dict this module can read safely."""
+    """A checkpoint file is not a state dict this module can read safely, or which of its
+    state dicts to use is not clear (:func:`select_state_dict`)."""
+
+
+class PresetMismatchWarning(UserWarning):
+    """A port loaded spectral-norm state into a layer whose preset runs another algorithm than
+    the one that produced it (e.g. a torch-parametrization checkpoint into a Paddle model built
+    with ``compat="paddle"``): eval outputs agree, training does not continue step for step.
+    ``mismatches`` lists them (:class:`PresetMismatch`)."""
+
+    def __init__(self, message: str, mismatches: list["PresetMismatch"] | None = None):
+        super().__init__(message)
+        self.mismatches = list(mismatches or [])
+
+
+@dataclass(frozen=True)
+class PresetMismatch:
+    """The spectral norm on ``layer`` (``"conv1.weight"``) has preset ``source`` in the source
+    and ``target`` in the target; ``basis`` says how the source's preset is known
+    (``"recorded by dualsn"``, ``"inferred from torch parametrization keys"``, ...)."""
+
+    layer: str
+    source: str
+    target: str
+    basis: str
+
+    def __str__(self) -> str:
+        return (f"spectral norm of {self.layer!r}: the source's preset is {self.source!r} ({self.basis}), "
+                f"the target's {self.target!r}")
 
 
 @dataclass(frozen=True)
@@ -128,13 +174,18 @@ class Entry:
 @dataclass
 class PortReport:
     """What :func:`load_state_dict` did: one :class:`Entry` per target tensor, plus the
-    missing and unexpected keys it tolerated (only with ``strict=False``)."""
+    missing and unexpected keys it tolerated (only with ``strict=False``), the preset
+    mismatches it warned about, and for a nested checkpoint the entry it loaded (``key``) and
+    the key prefix it stripped."""
 
     source: str
     target: str
     entries: list[Entry] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    preset_mismatches: list[PresetMismatch] = field(default_factory=list)
+    key: str = ""  # the entry of a nested checkpoint that was loaded ("" : the whole mapping)
+    stripped_prefix: str = ""  # the key prefix that was stripped ("module.", ...)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +276,16 @@ class _Torch:
                     return _dim_or_none(p.dim), float(p.eps)
         return _hook_sn_info(layer, name)
 
+    def sn_preset(self, layer, name: str) -> str | None:
+        """The preset of the spectral norm on ``layer.<name>`` (see :func:`presets_of`)."""
+        plists = getattr(layer, "parametrizations", None)
+        if plists is not None and name in plists:
+            for p in plists[name]:
+                if hasattr(p, "dim") and hasattr(p, "eps"):
+                    spec = getattr(p, "spec", None)  # dualsn's; else the torch built-in
+                    return "torch" if spec is None else _preset_of_spec(spec, "torch")
+        return _hook_sn_preset(layer, name, "torch_legacy", "torch")
+
     def assign(self, tensor, array: np.ndarray) -> None:
         if not array.flags.writeable:
             array = array.copy()  # torch.from_numpy warns about read-only arrays
@@ -296,6 +357,9 @@ class _Paddle:
     def sn_info(self, layer, name: str):
         return _hook_sn_info(layer, name)
 
+    def sn_preset(self, layer, name: str) -> str | None:
+        return _hook_sn_preset(layer, name, "paddle", "paddle")
+
     def assign(self, tensor, array: np.ndarray) -> None:
         # reshape: ascontiguousarray turns a 0-d array (a tracked sigma) into shape (1,)
         tensor.set_value(np.ascontiguousarray(array).reshape(np.shape(array)))
@@ -340,6 +404,37 @@ def _hook_sn_info(layer, name: str):
                 eps = hook.spec.eps
             return _dim_or_none(hook.dim), float(eps if eps is not None else 1e-12)
     return None
+
+
+def _hook_sn_preset(layer, name: str, builtin: str, framework: str) -> str | None:
+    """The preset of a forward-pre-hook spectral norm on ``name``: dualsn's hooks carry their
+    spec; a built-in hook (the older torch one, Paddle's) is ``builtin``."""
+    for hook in getattr(layer, "_forward_pre_hooks", {}).values():
+        if getattr(hook, "name", None) == name and hasattr(hook, "dim"):
+            spec = getattr(hook, "spec", None)
+            return builtin if spec is None else _preset_of_spec(spec, framework)
+    return None
+
+
+PRESET_NAMES = ("torch", "torch_legacy", "paddle")
+"""The presets a spectral norm is labelled with (:data:`dualsn.spec.PRESETS`). ``"torch_legacy"``
+and ``"paddle"`` are the same algorithm: a port between them is no mismatch."""
+
+
+def _preset_of_spec(spec, framework: str) -> str:
+    """The preset whose power iteration ``spec`` runs: ``"torch"`` (u first), else the legacy
+    order (v first), named after the framework (``"torch_legacy"`` in torch, ``"paddle"`` in
+    Paddle; the same algorithm). What the state of a port depends on is the update order."""
+    order = getattr(spec, "order", None)
+    if order == "uv":
+        return "torch"
+    if order == "vu":
+        return "torch_legacy" if framework == "torch" else "paddle"
+    return "custom"
+
+
+def _algorithm(preset: str) -> str:
+    return "legacy" if preset in ("torch_legacy", "paddle") else preset
 
 
 def _adapter(framework: str):
@@ -416,6 +511,37 @@ def _sn_keys(locals_: Mapping[str, str], param: str) -> dict[str, str]:
     return found
 
 
+FLAVOURS = ("torch_parametrization", "torch_legacy", "paddle")
+"""Key layouts of spectral-norm state: the torch parametrization (``parametrizations.<p>.original``,
+``.0._u``, ``.0._v``; the torch built-in and dualsn.torch), and the hook layout (``<p>_orig``,
+``<p>_u``, ``<p>_v``) in a torch checkpoint (the older torch hook) or a Paddle one (the Paddle
+built-in and dualsn.paddle)."""
+
+_INFERRED = {
+    "torch_parametrization": ("torch", "inferred from torch parametrization keys"),
+    "torch_legacy": ("torch_legacy", "inferred from the older torch hook's keys"),
+    "paddle": ("paddle", "inferred from Paddle hook keys"),
+}
+
+
+def _flavour(original_key: str, framework: str) -> str:
+    """The flavour (:data:`FLAVOURS`) of spectral-norm state whose W has ``original_key``."""
+    if original_key.startswith("parametrizations.") or ".parametrizations." in original_key:
+        return "torch_parametrization"
+    return "torch_legacy" if framework == "torch" else "paddle"
+
+
+def _inferred_preset(original_key: str, framework: str, u_shape=None) -> tuple[str, str]:
+    """(preset, basis) of a spectral norm known only from its keys: the torch parametrization
+    -> "torch", the older torch hook -> "torch_legacy", Paddle's hook -> "paddle". A u with
+    more than one axis (an output activation) is dualsn's convolution operator norm, whose
+    algorithm is fixed (:data:`dualsn.spec.CONV_COMPAT`, the legacy order) in any flavour."""
+    if u_shape is not None and len(u_shape) > 1:
+        return ("torch_legacy" if framework == "torch" else "paddle",
+                "inferred: a convolution operator norm (spectral_norm_conv)")
+    return _INFERRED[_flavour(original_key, framework)]
+
+
 # Longest suffixes first: "weight_u_extra" is the u_extra of "weight", not the u of "weight_u_extra".
 _HOOK_SUFFIXES = tuple(sorted(
     [("_orig", "original")] + [("_" + r, r) for r in STATE_ROLES], key=lambda pair: -len(pair[0])
@@ -477,7 +603,7 @@ class _Planner:
     Reads both sides; writes nothing."""
 
     def __init__(self, target, state_dict: Mapping[str, Any], source: str, source_layouts, source_dims,
-                 allow_degenerate: bool = False):
+                 allow_degenerate: bool = False, source_presets=None):
         self.target_fw = framework_of(target)
         self.adapter = _adapter(self.target_fw)
         self.target_state = self.adapter.state(target)
@@ -487,6 +613,8 @@ class _Planner:
         self.source_layouts = source_layouts  # prefix -> Linear layout; None: native layouts
         self.source_dims = source_dims  # (prefix, param) -> spectral-norm dim; None: unknown
         self.allow_degenerate = allow_degenerate
+        self.source_presets = {} if source_presets is None else source_presets  # "layer.param" -> (preset, basis)
+        self.mismatches: list[PresetMismatch] = []
         self.steps: list[_Step] = []
         self.problems: list[str] = []
         self.missing: list[tuple[str, str]] = []  # (key, message)
@@ -562,6 +690,8 @@ class _Planner:
                 f"{source_key!r} gives {list(expected)}{how}"
             )
         self._check_dtype(key, tensor, source_key, value)
+        if role == "original" and info and "original" in s_sn:
+            self._compare_presets(prefix, layer, param, s_param, s_sn)
         if role == "original" and info and self.source_dims and (prefix, s_param) in self.source_dims:
             s_dim = self.source_dims[(prefix, s_param)]
             fitting = (1 - s_dim) if (transposed and s_dim is not None) else s_dim
@@ -574,6 +704,17 @@ class _Planner:
         if len(self.problems) == problems_before:  # it fits: convert it now, before any write
             step.array = self._prepared(step, value)
         self.steps.append(step)
+
+    def _compare_presets(self, prefix, layer, param, s_param, s_sn) -> None:
+        """Record a :class:`PresetMismatch` when the source's spectral norm on this weight ran
+        another algorithm than the target's will."""
+        target = self.adapter.sn_preset(layer, param)
+        name = _join(prefix, s_param)
+        u = self.state_dict.get(s_sn["u"]) if "u" in s_sn else None
+        u_shape = _shape(u) if _is_tensor(u) else None
+        source, basis = self.source_presets.get(name) or _inferred_preset(s_sn["original"], self.source, u_shape)
+        if target is not None and _algorithm(source) != _algorithm(target):
+            self.mismatches.append(PresetMismatch(_join(prefix, param), source, target, basis))
 
     def _prepared(self, step: _Step, value) -> np.ndarray | None:
         """The array the write phase copies for ``step`` (in the target's layout), or None after
@@ -853,7 +994,7 @@ def _orientation_problem(name: str, kind: str, layout: str | None, dim: int, fit
 
 
 def _load(target, state_dict, source, strict, progress, allow_degenerate=False, source_layouts=None,
-          source_dims=None):
+          source_dims=None, source_presets=None, strict_presets=False, stacklevel=4):
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be a mapping, but got {type(state_dict).__name__}")
     if source not in FRAMEWORKS:
@@ -862,18 +1003,26 @@ def _load(target, state_dict, source, strict, progress, allow_degenerate=False, 
         state_dict = flatten_state_dict(state_dict)
     except ValueError as e:
         raise PortError([str(e)]) from None
-    plan = _Planner(target, state_dict, source, source_layouts, source_dims, allow_degenerate)
+    plan = _Planner(target, state_dict, source, source_layouts, source_dims, allow_degenerate, source_presets)
     problems = plan.problems
     if strict:
         problems = [m for _, m in plan.missing] + [u for _, u in plan.unexpected] + problems
+    if strict_presets:
+        problems = problems + [
+            f"{m}: refused (strict_presets); build the target's spectral norm with compat={m.source!r}, "
+            "or port without strict_presets to load it anyway" for m in plan.mismatches]
     if problems:
         raise PortError(problems)
+    if plan.mismatches:  # before any write: a warnings filter that raises leaves the target unchanged
+        warnings.warn(PresetMismatchWarning(_mismatch_message(plan.mismatches), plan.mismatches),
+                      stacklevel=stacklevel)
 
     # Every value is converted and fits: from here on nothing can fail short of running out of
     # memory.
     report = PortReport(source=source, target=plan.target_fw)
     report.missing = [k for k, _ in plan.missing]
     report.unexpected = [k for k, _ in plan.unexpected]
+    report.preset_mismatches = list(plan.mismatches)
     for step in progress(plan.steps) if progress is not None else plan.steps:
         if step.array is not None:
             plan.adapter.assign(step.target, step.array)
@@ -884,6 +1033,15 @@ def _load(target, state_dict, source, strict, progress, allow_degenerate=False, 
         if step.sigma_of is not None:
             plan.adapter.store_sigma(*step.sigma_of, step.target)
     return report
+
+
+def _mismatch_message(mismatches: list[PresetMismatch]) -> str:
+    first = mismatches[0]
+    return (f"{len(mismatches)} spectral norm(s) loaded into a different preset than the source's, so "
+            "training will not continue step for step (eval outputs agree): "
+            + "; ".join(str(m) for m in mismatches)
+            + f". Build the target with compat={first.source!r} to continue the source's algorithm, or "
+            "pass strict_presets=True (--strict-presets) to refuse such a port")
 
 
 def _infer_source(state_dict: Mapping) -> str:
@@ -940,6 +1098,202 @@ def flatten_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+# ---------------------------------------------------------------------------------------------
+# Nested checkpoints: which state dict to load
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+"""Key prefixes stripped automatically, but only when *every* key of the chosen state dict has
+one and the target has no key with it: ``module.`` (``DataParallel`` /
+``DistributedDataParallel``), ``_orig_mod.`` (``torch.compile``), ``model.`` (a PyTorch
+Lightning module's ``self.model``). Chains (``module._orig_mod.``) are stripped in turn."""
+
+_OPTIMIZER_KEYS = ("param_groups", "LR_Scheduler")  # torch's optimizer state, Paddle's
+
+
+@dataclass
+class Selection:
+    """What :func:`select_state_dict` chose: ``state``, the flat state dict; ``key``, the
+    dotted path of its entry in the checkpoint (``""``: the whole checkpoint);
+    ``stripped``, the prefix taken off its keys (``""``: none)."""
+
+    state: dict[str, Any]
+    key: str = ""
+    stripped: str = ""
+
+
+def _is_optimizer(name: str, mapping: Mapping) -> bool:
+    """An optimizer's state (its tensors are no model's): torch's and Paddle's state dicts,
+    and entries named like one (``optimizer``, ``optimG``, ``G_optim``)."""
+    return "optim" in name.rpartition(".")[2].lower() or any(k in mapping for k in _OPTIMIZER_KEYS)
+
+
+def _tensor_mappings(checkpoint: Mapping) -> tuple[list[tuple[str, Mapping]], list[tuple[str, Mapping]]]:
+    """(every mapping holding a tensor somewhere below it, root first; the *entries*: the
+    mappings holding tensors directly, not inside another entry), outside optimizer states."""
+    every: list[tuple[str, Mapping]] = []
+    entries: list[tuple[str, Mapping]] = []
+    seen: set[int] = set()
+
+    def walk(mapping: Mapping, path: str, depth: int, in_entry: bool) -> bool:
+        if id(mapping) in seen or depth > MAX_NESTING:
+            return False
+        seen.add(id(mapping))
+        direct = any(_is_tensor(v) for v in mapping.values())
+        slot = len(every)
+        every.append((path, mapping))
+        if direct and not in_entry:
+            entries.append((path, mapping))
+        below = False
+        for key, value in mapping.items():
+            name = _dotted(path, key)
+            if isinstance(value, Mapping) and not _is_optimizer(name, value):
+                below |= walk(value, name, depth + 1, in_entry or direct)
+        if not (direct or below):
+            del every[slot]
+        return direct or below
+
+    walk(checkpoint, "", 0, False)
+    return every, entries
+
+
+def _count_tensors(mapping: Mapping) -> int:
+    try:
+        return sum(_is_tensor(v) for v in flatten_state_dict(mapping).values())
+    except ValueError:
+        return 0
+
+
+def _listing(found: list[tuple[str, Mapping]]) -> str:
+    return ", ".join(f"{path or '(the whole checkpoint)'!r} ({_count_tensors(m)} tensors)" for path, m in found)
+
+
+def _lookup(mapping: Mapping, name: str):
+    """The key of ``mapping`` spelled ``name`` (an int key as its decimal string), or None."""
+    if name in mapping:
+        return name
+    if name.lstrip("-").isdigit() and int(name) in mapping:
+        return int(name)
+    return None
+
+
+def _entry_at(checkpoint: Mapping, key: str) -> dict[str, Any]:
+    """The flat state dict at the dotted path ``key``: nested entries first (the longest key
+    that matches, since keys may hold dots), then a dotted prefix of the flat keys below
+    (``state_dict.model`` in a Lightning file, whose ``state_dict`` is flat)."""
+    node, parts, i = checkpoint, key.split("."), 0
+    while i < len(parts):
+        if not isinstance(node, Mapping):
+            raise CheckpointError(f"key {key!r}: {'.'.join(parts[:i])!r} is a {type(node).__name__}, not a mapping")
+        for j in range(len(parts), i, -1):
+            found = _lookup(node, ".".join(parts[i:j]))
+            if found is not None:
+                node, i = node[found], j
+                break
+        else:
+            rest = ".".join(parts[i:]) + "."
+            sub = {k[len(rest):]: v for k, v in flatten_state_dict(node).items() if k.startswith(rest)}
+            if sub:
+                return sub
+            _, entries = _tensor_mappings(checkpoint)
+            raise CheckpointError(f"key {key!r}: no such entry in the checkpoint; its state dicts: "
+                                  f"{_listing(entries) or 'none'}")
+    if not isinstance(node, Mapping):
+        raise CheckpointError(f"key {key!r} is a {type(node).__name__}, not a state dict")
+    return flatten_state_dict(node)
+
+
+def _strip(state: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    stripped = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    if len(stripped) != len(state):
+        raise CheckpointError(f"stripping {prefix!r} from the keys of {where} makes two keys the same")
+    return stripped
+
+
+def _prefixed(state: dict[str, Any], strip_prefix: str | None, target_keys, where: str) -> tuple[dict, str]:
+    """``state`` with ``strip_prefix`` taken off the keys that have it (an error when none has
+    it), then any :data:`WRAPPER_PREFIXES` that every key has and no target key has."""
+    done = ""
+    if strip_prefix:
+        prefix = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
+        if not any(k.startswith(prefix) for k in state):
+            example = next(iter(state), None)
+            raise CheckpointError(f"strip_prefix {prefix!r}: no key of {where} starts with it"
+                                  + (f" (a key: {example!r})" if example is not None else ""))
+        state, done = _strip(state, prefix, where), prefix
+    if target_keys is None:
+        return state, done
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)
+                       and not any(t.startswith(p) for t in target_keys)), None)
+        if prefix is None:
+            break
+        state, done = _strip(state, prefix, where), done + prefix
+    return state, done
+
+
+def select_state_dict(checkpoint: Mapping[str, Any], *, key: str | None = None, strip_prefix: str | None = None,
+                      target=None) -> Selection:
+    """The state dict to load from ``checkpoint`` (e.g. :func:`load_checkpoint`'s result), flat.
+
+    * ``key``: the dotted path of the entry (``"state_dict"``, ``"G_ema"``, ``"models.netG"``,
+      ``"state_dict.model"``: a dotted prefix of flat keys works too).
+    * Without ``key``, the mappings that hold tensors (outside optimizer states) are the
+      candidates. With a ``target`` model, the one that has every layer of the target is
+      chosen (a flat state dict, ``{"state_dict": ..., "optimizer": ...}``, ``{"netG": ...,
+      "netD": ..., "epoch": 3}`` for a generator); when several do (``G`` and ``G_ema`` for a
+      generator) or none does and there is more than one state dict, :class:`CheckpointError`
+      lists the candidates. Without a target a checkpoint that holds tensors directly is its
+      own state dict, and one entry is taken when it is the only one.
+    * ``strip_prefix`` is taken off every key that has it (an error when none has it).
+      :data:`WRAPPER_PREFIXES` (``module.``, ``_orig_mod.``, ``model.``) are stripped
+      automatically when every key has one and the target has no key with it.
+
+    Raises CheckpointError as said, and ValueError when the entry cannot be flattened
+    (:func:`flatten_state_dict`).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"Expected a mapping, but got {type(checkpoint).__name__}")
+    target_keys = None
+    if target is not None:
+        target_keys = list(_adapter(framework_of(target)).state(target))
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"Expected key to be a non-empty dotted path, but got key={key!r}")
+        state, stripped = _prefixed(_entry_at(checkpoint, key), strip_prefix, target_keys, repr(key))
+        return Selection(state, key, stripped)
+
+    every, entries = _tensor_mappings(checkpoint)
+    if target_keys is not None and every:
+        layers = set(_group(target_keys))
+        fitting = []
+        for path, mapping in every:
+            try:
+                state, stripped = _prefixed(flatten_state_dict(mapping), strip_prefix, target_keys,
+                                            repr(path) if path else "the checkpoint")
+            except ValueError:  # CheckpointError included: this candidate cannot be the one
+                continue
+            if layers <= set(_group(state)):
+                fitting.append(Selection(state, path, stripped))
+        if len(fitting) == 1:
+            return fitting[0]
+        if len(fitting) > 1:
+            raise CheckpointError(
+                f"the checkpoint holds {len(fitting)} state dicts that fit the model: "
+                f"{_listing([(f.key, f.state) for f in fitting])}; pick one with key=... (--key)")
+    if not entries or entries[0][0] == "":
+        chosen = ""
+    elif len(entries) == 1:
+        chosen = entries[0][0]
+    else:
+        fits = " none of them has every layer of the model;" if target_keys is not None else ""
+        raise CheckpointError(f"the checkpoint holds {len(entries)} state dicts: {_listing(entries)};{fits} "
+                              "pick one with key=... (--key)")
+    state = flatten_state_dict(checkpoint) if chosen == "" else _entry_at(checkpoint, chosen)
+    state, stripped = _prefixed(state, strip_prefix, target_keys, repr(chosen) if chosen else "the checkpoint")
+    return Selection(state, chosen, stripped)
+
+
 def load_state_dict(
     target,
     state_dict: Mapping[str, Any],
@@ -948,12 +1302,19 @@ def load_state_dict(
     strict: bool = True,
     progress: Callable[[list], Iterable] | None = None,
     allow_degenerate: bool = False,
+    key: str | None = None,
+    strip_prefix: str | None = None,
+    strict_presets: bool = False,
+    source_preset: str | Mapping[str, str] | None = None,
 ) -> PortReport:
     """Load ``state_dict``, written by the framework ``source``, into ``target``.
 
     ``target`` is a ``torch.nn.Module`` or a ``paddle.nn.Layer``; ``state_dict`` maps names to
-    torch tensors, paddle tensors or numpy arrays (e.g. from :func:`load_checkpoint`); nested
-    mappings are flattened with :func:`flatten_state_dict`. ``source`` is ``"torch"`` or
+    torch tensors, paddle tensors or numpy arrays (e.g. from :func:`load_checkpoint`). A nested
+    checkpoint (a trainer's ``{"state_dict": ..., "optimizer": ...}``, ``{"netG": ...,
+    "netD": ...}``, ``ema``/``G_ema`` entries, prefixed keys) is narrowed to one state dict
+    first, by :func:`select_state_dict` with ``key`` and ``strip_prefix``; an ambiguous choice
+    raises :class:`CheckpointError` listing the candidates. ``source`` is ``"torch"`` or
     ``"paddle"`` (inferred from the tensors when omitted; required for numpy arrays). Every
     target tensor is filled in place, converted for the target layer's type (see the module
     docstring). A source Linear weight is taken to be in its framework's native layout (torch
@@ -968,12 +1329,88 @@ def load_state_dict(
     before the first write, and all problems are raised together as one :class:`PortError`;
     the target is then unchanged.
 
+    Presets: each source spectral norm's preset is the one dualsn recorded in the checkpoint
+    (:func:`save_checkpoint`), else ``source_preset`` (one name for all, or ``{"conv.weight":
+    name}``) when given, else inferred from its keys (torch parametrization -> ``"torch"``,
+    the older torch hook -> ``"torch_legacy"``, Paddle's hook -> ``"paddle"``). A target
+    spectral norm that runs another algorithm gets a :class:`PresetMismatchWarning` naming the
+    layer and both presets (``torch_legacy`` and ``paddle`` are one algorithm); with
+    ``strict_presets`` it is a problem of the :class:`PortError` instead. ``strict`` does not
+    cover presets: loading across presets is a legitimate migration.
+
     ``progress`` optionally wraps the list of copy steps (e.g. ``tqdm``). Returns a
     :class:`PortReport`.
     """
-    if source is None and isinstance(state_dict, Mapping):  # anything else: _load says why not
-        source = _infer_source(state_dict)
-    return _load(target, state_dict, source, strict, progress, allow_degenerate)
+    if not isinstance(state_dict, Mapping):
+        return _load(target, state_dict, source, strict, progress, allow_degenerate)  # says why not
+    try:
+        selection = select_state_dict(state_dict, key=key, strip_prefix=strip_prefix, target=target)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # flattening: shared or cyclic mappings, colliding keys
+        raise PortError([str(e)]) from None
+    if source is None:
+        recorded = checkpoint_metadata(state_dict)
+        source = recorded["framework"] if recorded and recorded.get("framework") in FRAMEWORKS else \
+            _infer_source(selection.state)
+    presets = _source_presets(state_dict, selection, source_preset)
+    report = _load(target, selection.state, source, strict, progress, allow_degenerate,
+                   source_presets=presets, strict_presets=strict_presets)
+    report.key, report.stripped_prefix = selection.key, selection.stripped
+    return report
+
+
+class _EveryLayer(dict):
+    """source_presets for ``source_preset="name"``: the same (preset, basis) for every layer."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def get(self, key, default=None):
+        return self.value
+
+
+def _check_preset(name, what: str) -> str:
+    if name not in PRESET_NAMES:
+        raise ValueError(f"Expected {what} to be one of {PRESET_NAMES}, but got {name!r}")
+    return name
+
+
+def _source_presets(checkpoint, selection: "Selection", source_preset):
+    """layer -> (preset, basis) the caller stated, or dualsn recorded, for the selected state."""
+    if isinstance(source_preset, str):
+        return _EveryLayer((_check_preset(source_preset, "source_preset"), "stated by source_preset"))
+    if isinstance(source_preset, Mapping):
+        return {k: (_check_preset(v, f"source_preset[{k!r}]"), "stated by source_preset")
+                for k, v in source_preset.items()}
+    if source_preset is not None:
+        raise TypeError(f"Expected source_preset to be a str or a mapping, but got {type(source_preset).__name__}")
+    meta = checkpoint_metadata(checkpoint)
+    if meta is None or selection.key or selection.stripped:
+        return None
+    basis = f"recorded by dualsn {meta.get('version', '?')}"
+    return {k: (v, basis) for k, v in meta.get("presets", {}).items()}
+
+
+def presets_of(model) -> dict[str, str]:
+    """``{"conv1.weight": preset}`` for every spectral norm in ``model`` (any flavour): dualsn's
+    by its algorithm (``"torch"``; the legacy order is ``"torch_legacy"`` in torch and
+    ``"paddle"`` in Paddle, one algorithm), the torch parametrization ``"torch"``, the older
+    torch hook ``"torch_legacy"``, Paddle's hook ``"paddle"``. :func:`save_checkpoint` records
+    this in the file."""
+    adapter = _adapter(framework_of(model))
+    layers = adapter.layers(model)
+    found = {}
+    for prefix, locals_ in _group(adapter.state(model)).items():
+        layer = layers.get(prefix)
+        for local in locals_:
+            sn = _sn_param_of(local, locals_)
+            if sn and sn[1] == "original" and layer is not None:
+                preset = adapter.sn_preset(layer, sn[0])
+                if preset is not None:
+                    found[_join(prefix, sn[0])] = preset
+    return found
 
 
 def _linear_layouts(model) -> dict[str, str]:
@@ -1003,45 +1440,52 @@ def _sn_dims(model) -> dict[tuple[str, str], int]:
     return dims
 
 
-def _port(source_model, target, expect_source: str, expect_target: str, strict, progress, allow_degenerate):
+def _port(source_model, target, expect_source: str, expect_target: str, strict, progress, allow_degenerate,
+          strict_presets=False):
     if framework_of(source_model) != expect_source:
         raise TypeError(f"Expected the source to be a {expect_source} model")
     if framework_of(target) != expect_target:
         raise TypeError(f"Expected the target to be a {expect_target} model")
     state = _adapter(expect_source).state(source_model)
+    presets = {k: (v, "of the source model") for k, v in presets_of(source_model).items()}
     return _load(
         target, state, expect_source, strict, progress, allow_degenerate,
         source_layouts=_linear_layouts(source_model), source_dims=_sn_dims(source_model),
+        source_presets=presets, strict_presets=strict_presets, stacklevel=5,
     )
 
 
 def port_model(source_model, target, *, strict: bool = True, progress=None,
-               allow_degenerate: bool = False) -> PortReport:
+               allow_degenerate: bool = False, strict_presets: bool = False) -> PortReport:
     """Copy the state of ``source_model`` into ``target``, each a torch or a Paddle model of
     the same architecture (the frameworks may be the same: then only spectral-norm flavours
     are converted). See :func:`torch_to_paddle`."""
     source = framework_of(source_model)
-    return _port(source_model, target, source, framework_of(target), strict, progress, allow_degenerate)
+    return _port(source_model, target, source, framework_of(target), strict, progress, allow_degenerate,
+                 strict_presets)
 
 
 def torch_to_paddle(module, layer, *, strict: bool = True, progress=None,
-                    allow_degenerate: bool = False) -> PortReport:
+                    allow_degenerate: bool = False, strict_presets: bool = False) -> PortReport:
     """Copy the state of the torch ``module`` into the Paddle ``layer`` (same architecture).
 
-    Like :func:`load_state_dict`, but each source Linear's layout and each spectral norm's dim
-    are read from ``module``, so nothing is assumed.
+    Like :func:`load_state_dict`, but each source Linear's layout, each spectral norm's dim
+    and each spectral norm's preset are read from ``module``, so nothing is assumed. A target
+    spectral norm with another preset warns (:class:`PresetMismatchWarning`), or with
+    ``strict_presets`` is refused.
     """
-    return _port(module, layer, "torch", "paddle", strict, progress, allow_degenerate)
+    return _port(module, layer, "torch", "paddle", strict, progress, allow_degenerate, strict_presets)
 
 
 def paddle_to_torch(layer, module, *, strict: bool = True, progress=None,
-                    allow_degenerate: bool = False) -> PortReport:
+                    allow_degenerate: bool = False, strict_presets: bool = False) -> PortReport:
     """Copy the state of the Paddle ``layer`` into the torch ``module`` (same architecture).
 
     Like :func:`load_state_dict`, but each source Linear's layout (``paddle.nn.Linear`` or
-    ``paddle.compat.nn.Linear``) and each spectral norm's dim are read from ``layer``.
+    ``paddle.compat.nn.Linear``), each spectral norm's dim and its preset are read from
+    ``layer``.
     """
-    return _port(layer, module, "paddle", "torch", strict, progress, allow_degenerate)
+    return _port(layer, module, "paddle", "torch", strict, progress, allow_degenerate, strict_presets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1301,6 +1745,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
         inst, state = self.stack[-2], self.stack[-1]
         if isinstance(inst, np.ndarray):
             self._check_array_state(state)
+        elif type(inst) is collections.OrderedDict:
+            if not (isinstance(state, dict) and set(state) == {METADATA_ATTRIBUTE}):
+                raise pickle.UnpicklingError(
+                    f"refused to set the state of an OrderedDict: only dualsn's {METADATA_ATTRIBUTE!r} "
+                    "record may be set on one")
         elif not isinstance(inst, np.dtype):
             raise pickle.UnpicklingError(
                 f"refused to set the state of a {type(inst).__name__}: in a .pdparams file only "
@@ -1393,6 +1842,8 @@ def _load_pdparams(file, size: int, shown: str) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{shown}: holds a {type(obj).__name__}, not a state dict")
     top = collections.OrderedDict(obj) if isinstance(obj, collections.OrderedDict) else dict(obj)
+    if METADATA_ATTRIBUTE in getattr(obj, "__dict__", {}):
+        setattr(top, METADATA_ATTRIBUTE, obj.__dict__[METADATA_ATTRIBUTE])
     top.pop(_PARAMETER_NAMES, None)
     _join_slices(top, shown)
     return top
@@ -1524,7 +1975,259 @@ def load_checkpoint(path: str | bytes | os.PathLike) -> dict:
         framework = _checked_format(file.read(len(_TORCH_LEGACY)), shown)
         file.seek(0)
         state = _load_torch(file, size, shown) if framework == "torch" else _load_pdparams(file, size, shown)
-    return _TreeCheck(shown, framework).visit(state)
+    meta = getattr(state, "__dict__", {}).get(METADATA_ATTRIBUTE)
+    result = _TreeCheck(shown, framework).visit(state)
+    meta = _checked_metadata(meta)
+    if meta is not None and isinstance(result, collections.OrderedDict):
+        setattr(result, METADATA_ATTRIBUTE, meta)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# dualsn's record in a checkpoint file
+
+METADATA_ATTRIBUTE = "_dualsn"
+""":func:`save_checkpoint` writes the state dict as an ``OrderedDict`` with this attribute:
+``{"format": 1, "version": dualsn's version, "framework": ..., "presets": {"conv.weight":
+"torch", ...}, "dims": {"conv.weight": 0, ...}}`` (dims only when saved from a model; a
+convolution operator norm's dim is ``"conv"``). It is pickled state, not a key: ``torch.load``
+(also with ``weights_only=True``) and ``paddle.load`` restore or skip it, and
+``load_state_dict``/``set_state_dict`` never see it, exactly as torch's own ``_metadata``."""
+
+METADATA_FORMAT = 1
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether ``value`` is plain data (str, int, float, bool, None, and dicts/lists of them)."""
+    if depth > 8:
+        return False
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _checked_metadata(meta) -> dict | None:
+    """dualsn's record as a plain dict, or None when there is none or it is malformed (a file
+    is then read as if dualsn had not written it: its presets are inferred)."""
+    if not isinstance(meta, Mapping) or not _plain(meta):
+        return None
+    meta = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in meta.items()}
+    presets = meta.get("presets", {})
+    if not isinstance(presets, dict) or not all(v in PRESET_NAMES + ("custom",) for v in presets.values()):
+        return None
+    dims = meta.get("dims", {})
+    if not isinstance(dims, dict) or not all(d == "conv" or (isinstance(d, int) and not isinstance(d, bool))
+                                             for d in dims.values()):
+        return None
+    return meta
+
+
+def checkpoint_metadata(checkpoint) -> dict | None:
+    """The record dualsn wrote into a checkpoint (:data:`METADATA_ATTRIBUTE`), as read by
+    :func:`load_checkpoint`, or None (a file dualsn did not write, or a mapping that lost it)."""
+    return _checked_metadata(getattr(checkpoint, "__dict__", {}).get(METADATA_ATTRIBUTE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing a checkpoint: flavour, presets, spectral norms, sigma
+
+
+@dataclass(frozen=True)
+class SNLayerDescription:
+    """One spectral norm in a checkpoint. ``name``: the weight it normalizes
+    (``"conv1.weight"``); ``flavour``: :data:`FLAVOURS`; ``preset`` and ``preset_basis``
+    (``"recorded by dualsn 0.1.0"`` or ``"inferred from ... keys"``); ``shape`` of W;
+    ``dim`` (None: a convolution operator norm, or no axis fits u and v) and ``dim_basis``;
+    ``sigma``: u^H M v from the stored W, u, v (M the W-matrix along ``dim``; ``||W||`` for a
+    1-D weight normalized exactly; a convolution norm's tracked sigma, else None); ``keys``:
+    role -> key in the checkpoint."""
+
+    name: str
+    flavour: str
+    preset: str
+    preset_basis: str
+    shape: tuple[int, ...]
+    dim: int | None
+    dim_basis: str
+    sigma: float | None
+    keys: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class CheckpointDescription:
+    """What :func:`describe` found. ``framework``: ``"torch"`` or ``"paddle"``; ``flavour``:
+    one of :data:`FLAVOURS`, ``"mixed"`` or ``"none"`` (no spectral norm); ``layers``: one
+    :class:`SNLayerDescription` per spectral norm; ``metadata``: dualsn's record, if the file
+    has one; ``key``: the entry described (``""``: the whole checkpoint); ``tensors``: how many
+    tensors it holds."""
+
+    path: str | None
+    framework: str
+    flavour: str
+    layers: list[SNLayerDescription]
+    metadata: dict | None = None
+    key: str = ""
+    tensors: int = 0
+
+    @property
+    def presets(self) -> dict[str, str]:
+        return {layer.name: layer.preset for layer in self.layers}
+
+    def summary(self) -> str:
+        where = (self.path or "state dict") + (f" [{self.key}]" if self.key else "")
+        flavour = "no spectral norm" if self.flavour == "none" else f"flavour {self.flavour}"
+        presets = sorted(set(self.presets.values()))
+        how = ("recorded by dualsn" if self.metadata and "presets" in self.metadata else "inferred from the keys")
+        text = f"{where}: {self.framework} checkpoint, {self.tensors} tensors, {flavour}"
+        if self.layers:
+            text += f", {len(self.layers)} spectral norm(s), preset {'/'.join(presets)} ({how})"
+        return text
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        if not self.layers:
+            return lines[0]
+        rows = [("layer", "flavour", "preset", "dim", "shape", "sigma")]
+        for layer in self.layers:
+            rows.append((
+                layer.name, layer.flavour,
+                layer.preset + (" (recorded)" if layer.preset_basis.startswith("recorded") else ""),
+                "conv" if layer.dim is None and layer.dim_basis.startswith("convolution") else
+                ("?" if layer.dim is None else str(layer.dim) + ("?" if "ambiguous" in layer.dim_basis else "")),
+                "x".join(str(n) for n in layer.shape),
+                "-" if layer.sigma is None else f"{layer.sigma:.6g}",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(c.rjust(w) if i and j >= 3 else c.ljust(w)
+                                   for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if any("ambiguous" in layer.dim_basis for layer in self.layers):
+            lines.append("?: a square W-matrix whose u and v fit both axes (not iterated yet?): dim assumed")
+        return "\n".join(lines)
+
+
+def _wide(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
+
+
+def _w_matrix(w: np.ndarray, dim: int) -> np.ndarray:
+    return np.moveaxis(w, dim, 0).reshape(w.shape[dim], -1) if w.ndim > 1 else w.reshape(-1, 1)
+
+
+def _infer_dim(w: np.ndarray, u, v) -> tuple[int | None, str]:
+    """The axis the spectral norm takes W along, from the shapes of u, v; for a square
+    W-matrix, the orientation they fit (after any power iteration u = N(M v), v = N(M^H u))."""
+    if u is None:
+        return 0, "1-D weight normalized exactly"
+    if u.ndim != 1 or v is None or v.ndim != 1:
+        return None, "convolution operator norm (u, v are activations)"
+    axes = [d for d in range(max(w.ndim, 1)) if w.shape[d] == u.size and w.size // max(w.shape[d], 1) == v.size]
+    if not axes:
+        return None, f"unknown: u {list(u.shape)} and v {list(v.shape)} fit no axis of W {list(w.shape)}"
+    if len(axes) == 1:
+        return axes[0], "from the shapes of u and v"
+    fits = {d: _orientation_fits(w, d, u, v, 1e-12) for d in axes}
+    residual = {d: min(f) if f else math.inf for d, f in fits.items()}
+    best = min(axes, key=lambda d: residual[d])
+    others = [residual[d] for d in axes if d != best]
+    if residual[best] <= ORIENTATION_TOL and all(r > 100 * max(residual[best], 1e-12) for r in others):
+        return best, "from u and v (a square W-matrix: the orientation they fit)"
+    return axes[0], f"ambiguous: u and v fit dims {axes} alike (a square W-matrix); {axes[0]} assumed"
+
+
+def _sigma_of(w: np.ndarray, dim: int | None, u, v, tracked) -> float | None:
+    if dim is None:  # a convolution operator norm: sigma needs the layer's geometry
+        return None if tracked is None else float(np.real(np.asarray(tracked)).reshape(-1)[0])
+    w = _wide(w)
+    if u is None:
+        return float(np.linalg.norm(w))
+    m = _w_matrix(w, dim)
+    return float(np.real(np.vdot(_wide(u), m @ _wide(v))))
+
+
+def describe(checkpoint, *, key: str | None = None, strip_prefix: str | None = None,
+             source: str | None = None) -> CheckpointDescription:
+    """Describe the spectral norms in ``checkpoint``: a path (read with :func:`load_checkpoint`)
+    or a mapping (a state dict, or what ``load_checkpoint`` returned).
+
+    The framework is the file's format, or the tensors' type (numpy arrays: ``"paddle"``, as
+    ``load_checkpoint`` reads ``.pdparams`` files; pass ``source`` to say otherwise). Each
+    spectral norm's flavour is its key layout (:data:`FLAVOURS`); its preset is the one dualsn
+    recorded in the file, else inferred: torch parametrization -> ``"torch"``, the older torch
+    hook -> ``"torch_legacy"``, Paddle's hook -> ``"paddle"``. (The keys cannot tell a
+    dualsn.torch model built with another ``compat`` from torch's built-in, nor a dualsn.paddle
+    model from Paddle's: files dualsn wrote say so, others are inferred.) ``key`` and
+    ``strip_prefix`` pick an entry as in :func:`select_state_dict`; without ``key`` every
+    spectral norm in the checkpoint is described, named by its full dotted key. sigma is u^H M
+    v of the stored state, computed in float64 with numpy.
+    """
+    path = None
+    if not isinstance(checkpoint, Mapping):
+        path = os.fsdecode(checkpoint)
+        framework = detect_format(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    meta = checkpoint_metadata(checkpoint)
+    if key is not None or strip_prefix:
+        selection = select_state_dict(checkpoint, key=key, strip_prefix=strip_prefix)
+        flat, chosen = selection.state, selection.key
+        meta_layers = meta if (meta and not chosen and not selection.stripped) else None
+    else:
+        flat, chosen, meta_layers = flatten_state_dict(checkpoint), "", meta
+    if path is None:
+        kinds = {type(v).__module__.split(".")[0] for v in flat.values() if _is_tensor(v)}
+        framework = source or ("torch" if kinds == {"torch"} else "paddle")
+    recorded_presets = (meta_layers or {}).get("presets", {})
+    recorded_dims = (meta_layers or {}).get("dims", {})
+    version = (meta or {}).get("version", "?")
+
+    layers = []
+    for prefix, locals_ in _group(flat).items():
+        for local, full in locals_.items():
+            sn = _sn_param_of(local, locals_)
+            if not sn or sn[1] != "original":
+                continue
+            param = sn[0]
+            name = _join(prefix, param)
+            keys = {"original": full, **{r: k for r, k in _sn_keys(locals_, param).items() if r != "original"}}
+            flavour = _flavour(full, framework)
+            u_value = flat.get(keys.get("u"))
+            if name in recorded_presets:
+                preset, basis = recorded_presets[name], f"recorded by dualsn {version}"
+            else:
+                preset, basis = _inferred_preset(full, framework, _shape(u_value) if _is_tensor(u_value) else None)
+            arrays = {}
+            for role, k in keys.items():
+                value = flat[k]
+                if _is_tensor(value):
+                    try:
+                        arrays[role] = _source_numpy(value)
+                    except Exception:  # noqa: BLE001 - a meta tensor, bfloat16: described without sigma
+                        pass
+            w = arrays.get("original")
+            if w is None:
+                continue
+            u, v = arrays.get("u"), arrays.get("v")
+            if name in recorded_dims:
+                dim = None if recorded_dims[name] == "conv" else int(recorded_dims[name])
+                dim_basis = "convolution operator norm (recorded)" if dim is None else f"recorded by dualsn {version}"
+            else:
+                dim, dim_basis = _infer_dim(w, u, v)
+            try:
+                sigma = _sigma_of(w, dim, u, v, arrays.get("sigma"))
+            except (ValueError, IndexError):
+                sigma = None
+            layers.append(SNLayerDescription(name, flavour, preset, basis, tuple(w.shape), dim, dim_basis,
+                                             sigma, keys))
+    flavours = {layer.flavour for layer in layers}
+    overall = flavours.pop() if len(flavours) == 1 else ("none" if not flavours else "mixed")
+    tensors = sum(_is_tensor(v) for v in flat.values())
+    return CheckpointDescription(path, framework, overall, layers, meta, chosen, tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1586,18 +2289,33 @@ def _remove_stale_temps(directory: str, base: str) -> None:
             pass  # gone already, or not ours to remove
 
 
-def _serializable(state_dict: Mapping[str, Any], framework: str) -> dict:
+def _serializable(state_dict: Mapping[str, Any], framework: str, meta: dict | None) -> collections.OrderedDict:
     if framework == "torch":
         import torch
 
-        return {
-            k: v.detach().cpu() if type(v).__module__.startswith("torch") else torch.from_numpy(
-                np.array(_to_numpy(v)))
+        data = collections.OrderedDict(
+            (k, v.detach().cpu() if type(v).__module__.startswith("torch") else torch.from_numpy(
+                np.array(_to_numpy(v))))
             for k, v in state_dict.items()
-        }
-    data = {k: np.array(_to_numpy(v)) for k, v in state_dict.items()}
-    data[_PARAMETER_NAMES] = {k: k for k in state_dict}
+        )
+    else:
+        data = collections.OrderedDict((k, np.array(_to_numpy(v))) for k, v in state_dict.items())
+        data[_PARAMETER_NAMES] = {k: k for k in state_dict}
+    if meta is not None:
+        setattr(data, METADATA_ATTRIBUTE, meta)
     return data
+
+
+def _metadata_for(framework: str, presets: Mapping[str, str] | None, dims: Mapping | None) -> dict:
+    from dualsn import __version__
+
+    meta: dict[str, Any] = {"format": METADATA_FORMAT, "version": __version__, "framework": framework}
+    if presets is not None:
+        meta["presets"] = {str(k): _check_preset(v, f"presets[{k!r}]") if v != "custom" else v
+                           for k, v in presets.items()}
+    if dims:
+        meta["dims"] = {str(k): ("conv" if d in (None, "conv") else int(d)) for k, d in dims.items()}
+    return meta
 
 
 def _write_temp(data: dict, framework: str, directory: str, base: str) -> str:
@@ -1678,11 +2396,18 @@ def _sync_directory(directory: str) -> None:
 
 
 def save_checkpoint(
-    state_dict: Mapping[str, Any], path: str | os.PathLike, framework: str, *, overwrite: bool = False
+    state_dict, path: str | os.PathLike, framework: str, *, overwrite: bool = False,
+    presets: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``state_dict`` as a ``framework`` checkpoint (``"torch"``: ``torch.save``;
     ``"paddle"``: what ``paddle.save`` writes for a state dict: a protocol-4 pickle of numpy
     arrays plus its parameter-name table).
+
+    ``state_dict`` may be a model (a ``torch.nn.Module`` or a ``paddle.nn.Layer``): its state
+    is written, and the preset and dim of each of its spectral norms (:func:`presets_of`) are
+    recorded in the file (:data:`METADATA_ATTRIBUTE`), so a later port knows them instead of
+    inferring them from the keys. For a state dict, ``presets`` (``{"conv.weight": "torch"}``)
+    records them; a state dict read by :func:`load_checkpoint` keeps the record it had.
 
     Atomic: written to a temporary file in the same directory (``.NAME.<pid>-<hex>.dualsn-tmp``,
     see :data:`TEMP_SUFFIX`), then moved to ``path``, so ``path`` never holds a partial file;
@@ -1698,7 +2423,18 @@ def save_checkpoint(
     shown = os.fsdecode(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{shown} exists; pass overwrite=True to replace it")
-    data = _serializable(state_dict, framework)
+    dims = None
+    if not isinstance(state_dict, Mapping):
+        model = state_dict
+        state_dict = _adapter(framework_of(model)).state(model)  # TypeError for anything else
+        if presets is None:
+            presets = presets_of(model)
+        dims = {_join(*key): dim for key, dim in _sn_dims(model).items()}
+    elif presets is None:
+        recorded = checkpoint_metadata(state_dict)
+        presets = recorded.get("presets") if recorded else None
+        dims = recorded.get("dims") if recorded else None
+    data = _serializable(state_dict, framework, _metadata_for(framework, presets, dims))
     directory, base = os.path.split(os.path.abspath(path))
     _remove_stale_temps(directory, base)
     tmp = _write_temp(data, framework, directory, base)

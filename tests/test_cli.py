@@ -281,7 +281,7 @@ def test_factory_errors_exit_5(tmp_path, capsys, user_models, factory, message):
         (["--model", "no_colon"], "expected the form pkg.module:factory"),
         (["--model", f"{SNGAN}:paddle_generator", "--check"], "--check needs --source-model"),
         (["--model", f"{SNGAN}:paddle_generator", "--check", "--source-model", f"{SNGAN}:torch_generator"],
-         "--check needs --input-shape or --input-fn"),
+         "--check needs --input, --input-shape or --input-fn"),
         (["--model", f"{SNGAN}:torch_generator"], "the target is a torch model: name DST .pt or .pth"),
         (["--model", f"{SNGAN}:paddle_generator", "--source-model", f"{SNGAN}:paddle_generator"],
          "is a torch checkpoint but --source-model builds a paddle model"),

@@ -196,7 +196,7 @@ def test_features_port_through_checkpoint_files(tmp_path):
     port.save_checkpoint(source.state_dict(), tmp_path / "m.pt", "torch")
     target = PaddleNet(seed=7)
     port.load_state_dict(target, port.load_checkpoint(tmp_path / "m.pt"))
-    port.save_checkpoint(target.state_dict(), tmp_path / "m.pdparams", "paddle")
+    port.save_checkpoint(target, tmp_path / "m.pdparams", "paddle")  # records the presets
     back = TorchNet(seed=9)
     port.load_state_dict(back, port.load_checkpoint(tmp_path / "m.pdparams"), source="paddle")
     check_same(source, target)
@@ -292,7 +292,8 @@ def test_exact_vector_norm_to_a_matrix_norm():
     # u = W / ||W||, v = [1]. (num_svs > 1 is refused on an n x 1 matrix: one singular value.)
     exact = dtorch.spectral_norm(TorchScale(), compat="torch", track_sigma=True)
     target = dpaddle.spectral_norm(PaddleScale(), compat="paddle", track_sigma=True, seed=0)
-    report = port.torch_to_paddle(exact, target)
+    with pytest.warns(port.PresetMismatchWarning):  # across presets, on purpose
+        report = port.torch_to_paddle(exact, target)
     notes = {e.key: e.note for e in report.entries}
     assert all(notes[k].startswith("fixed point") for k in ("weight_u", "weight_v"))
     w = np.array([3.0, -1.0, 2.0, 0.5])
@@ -305,5 +306,6 @@ def test_exact_vector_norm_to_a_matrix_norm():
     np.testing.assert_allclose(target.weight_u.numpy(), w / np.linalg.norm(w), rtol=F32)
     assert float(target.weight_sigma) == pytest.approx(np.linalg.norm(w), rel=F32)
     # and back: the matrix norm's u, v and extra rows are dropped, its sigma too
-    report = port.paddle_to_torch(target, dtorch.spectral_norm(TorchScale(), compat="torch"))
+    with pytest.warns(port.PresetMismatchWarning):
+        report = port.paddle_to_torch(target, dtorch.spectral_norm(TorchScale(), compat="torch"))
     assert [e.key for e in report.entries] == ["parametrizations.weight.original"]
