@@ -1426,8 +1426,18 @@ def _register(module: nn.Module, name: str, weight: torch.Tensor, parametrizatio
     """Registration proper, once everything is validated: the registration iterations, the
     parametrization, the kept sigma."""
     parametrization.owner = f"{name!r} in {type(module).__name__}"
+    spec = parametrization.spec
+    iterations = spec.registration_iterations(module.training)
+    # The built-in's registration check evaluates module.<name> once more, and on a stacked
+    # parametrization that runs the spectral norms below this one again (training mode):
+    # its last iterations see that new weight. So do these.
+    stacked = spec.registration_forward and module.training and parametrize.is_parametrized(module, name)
+    check = spec.n_power_iterations if stacked else 0
     try:
-        parametrization.iterate(weight, parametrization.spec.registration_iterations(module.training))
+        parametrization.iterate(weight, iterations - check)
+        if check:
+            weight = getattr(module, name)
+            parametrization.iterate(weight, check)
     except FloatingPointError as error:
         raise FloatingPointError(f"spectral norm of {parametrization.owner}: {error}") from None
     # unsafe=True: register_parametrization would otherwise evaluate the parametrization once

@@ -483,3 +483,26 @@ def test_state_dict_survives_removal_and_reregistration(training_forwards):
     reference = _record(builtin_spectral_norm(make_layer("small_linear", seed=9)), state, x)
     for a, b in zip(runs[0], reference):
         torch.testing.assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stacked_registration_reproduces_the_builtin(training):
+    """Two spectral norms on weight and one on bias, from the same torch RNG draws: the
+    built-in's registration check re-evaluates the stacked weight (one more iteration of the
+    first norm in training mode), and dualsn's registration does the same."""
+    modules = []
+    for register in (torch.nn.utils.parametrizations.spectral_norm, dt.spectral_norm):
+        torch.manual_seed(3)
+        m = nn.Linear(5, 4).double().train(training)
+        for name in ("weight", "weight", "bias"):
+            register(m, name)
+        modules.append(m)
+    builtin, ours = modules
+    for i in range(2):
+        for buffer in ("_u", "_v"):
+            a = getattr(builtin.parametrizations.weight[i], buffer)
+            b = getattr(ours.parametrizations.weight[i], buffer)
+            torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-15)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.weight, builtin.weight, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(ours.bias, builtin.bias, rtol=1e-13, atol=1e-15)
