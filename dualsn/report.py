@@ -342,6 +342,12 @@ class ReportRow:
 _HEADERS = ("layer", "type", "shape", "dim", "preset", "sigma", "exact (SVD)", "rel. error", "||W_sn||")
 
 
+def _md_cell(text: str) -> str:
+    """A Markdown table cell: a ``|`` inside it (``||W_sn||``) would end the cell, so escape it
+    (``\\|``, which GFM also honours inside a code span)."""
+    return text.replace("|", "\\|")
+
+
 @dataclass
 class SNReport:
     """Per-layer rows plus the products over them (see the module docstring for what the
@@ -409,8 +415,8 @@ class SNReport:
         return "\n".join((lines if self.rows else []) + self._summary())
 
     def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
-        lines += ["| " + " | ".join([f"`{c[0]}`", *c[1:]]) + " |" for c in self._cells()]
+        lines = ["| " + " | ".join(map(_md_cell, _HEADERS)) + " |", "|" + "---|" * len(_HEADERS)]
+        lines += ["| " + " | ".join([f"`{_md_cell(c[0])}`", *map(_md_cell, c[1:])]) + " |" for c in self._cells()]
         summary = self._summary()
         return "\n".join((lines + [""] if self.rows else []) + [f"* {s}" for s in summary])
 

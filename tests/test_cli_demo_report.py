@@ -176,6 +176,34 @@ def test_report_text_and_markdown():
     assert empty.rows == [] and "no spectral norm" in str(empty)
 
 
+def markdown_table(md: str) -> list[list[str]]:
+    """The cells of each row of the Markdown table at the start of ``md``, split as GFM does: on
+    every ``|`` not escaped as ``\\|``; the escape is then undone."""
+    rows = []
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            break
+        assert line.endswith("|"), line
+        cells = re.split(r"(?<!\\)\|", line[1:-1])
+        rows.append([c.strip().replace("\\|", "|") for c in cells])
+    return rows
+
+
+def test_report_markdown_table_is_well_formed():
+    r = report.report(torch_model())
+    rows = markdown_table(r.to_markdown())
+    header, delimiter, body = rows[0], rows[1], rows[2:]
+    assert all(re.fullmatch(r":?-{3,}:?", c) for c in delimiter)
+    assert len(delimiter) == 9
+    assert [len(row) for row in rows] == [9] * (2 + len(r.rows))
+    assert header == ["layer", "type", "shape", "dim", "preset", "sigma", "exact (SVD)", "rel. error", "||W_sn||"]
+    assert len(body) == len(r.rows) == 5
+    for row, cells in zip(r.rows, body):
+        assert cells[0] == f"`{row.name}`"
+        assert float(cells[5]) == pytest.approx(row.sigma, rel=1e-5)
+        assert float(cells[8]) == pytest.approx(row.normalized_norm, abs=1e-6)
+
+
 def test_convergence_reaches_the_exact_sigma():
     m = torch_model()
     for layer in report.collect(m)[:4]:
@@ -410,7 +438,9 @@ def test_cli_report_with_checkpoint(user_models, tmp_path, capsys):
     assert float(bound) == pytest.approx(expected, rel=1e-5)
 
     assert cli.main(["report", "--model", f"{user_models}:chain", "--markdown"]) == 0
-    assert capsys.readouterr().out.startswith("| layer |")
+    md = capsys.readouterr().out
+    assert md.startswith("| layer |")
+    assert [len(row) for row in markdown_table(md)] == [9] * 4  # header, delimiter, 2 layers
 
 
 def test_cli_report_paddle_model_from_torch_checkpoint(tmp_path, capsys):
