@@ -523,20 +523,30 @@ def _check(source_model, target, args, out) -> bool:
     return ok
 
 
-def _checkpoint_format(path: str) -> str:
-    """The format of the checkpoint ``path``, or a CLIError (exit 3 or 4)."""
+@contextlib.contextmanager
+def _checkpoint_errors(path: str):
+    """Errors reading the checkpoint ``path`` as CLIErrors: missing (exit 3), unreadable or
+    not a checkpoint dualsn reads (exit 4)."""
     from dualsn import port
 
-    if not os.path.exists(path):
-        raise CLIError(EXIT_NO_FILE, f"{path}: no such file")
     try:
-        return port.detect_format(path)
+        yield
     except port.CheckpointError as e:
         raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
     except FileNotFoundError:
         raise CLIError(EXIT_NO_FILE, f"{path}: no such file") from None
     except OSError as e:
         raise CLIError(EXIT_BAD_FORMAT, f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def _checkpoint_format(path: str) -> str:
+    """The format of the checkpoint ``path``, or a CLIError (exit 3 or 4)."""
+    from dualsn import port
+
+    if not os.path.exists(path):
+        raise CLIError(EXIT_NO_FILE, f"{path}: no such file")
+    with _checkpoint_errors(path):
+        return port.detect_format(path)
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -544,14 +554,8 @@ def _read_checkpoint(path: str) -> dict:
     state dict is chosen when it is loaded, with --key and --strip-prefix)."""
     from dualsn import port
 
-    try:
+    with _checkpoint_errors(path):
         return port.load_checkpoint(path)
-    except port.CheckpointError as e:
-        raise CLIError(EXIT_BAD_FORMAT, str(e)) from None
-    except FileNotFoundError:
-        raise CLIError(EXIT_NO_FILE, f"{path}: no such file") from None
-    except OSError as e:
-        raise CLIError(EXIT_BAD_FORMAT, f"{path}: cannot read it: {e.strerror or e}") from None
 
 
 def _load_into(model, state, args, option: str, *, source_fw, progress=None, strict=True, check_presets=True):

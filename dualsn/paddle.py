@@ -1746,6 +1746,7 @@ def invalidate_cache(layer, name: str = "weight") -> None:
 # its defining module, and the paddle.nn re-export. Only those that have it are patched.
 _BUILTIN_HOMES = ("paddle.nn.utils", "paddle.nn.utils.spectral_norm_hook", "paddle.nn")
 
+
 def _builtin_replacement(compat: str, defaults: dict):
     """A function with ``paddle.nn.utils.spectral_norm``'s signature that registers dualsn's."""
 

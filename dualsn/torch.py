@@ -1692,6 +1692,7 @@ def singular_values(module: nn.Module, name: str = "weight") -> list[float]:
 # Patching the built-ins: existing code builds dualsn's spectral norm without being edited.
 # The machinery (Patch) is dualsn.patching's; each backend patches only its own framework.
 
+
 def _builtin_replacement(compat: str, defaults: dict):
     """A function with the torch built-ins' signature that registers dualsn's spectral norm."""
 
