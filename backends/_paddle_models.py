@@ -138,8 +138,13 @@ class PaddleFramework:
             model.path_log = {}
             for layer in spec.sn_layers:
                 sub = getattr(model, layer.name)
-                dsn.spectral_norm(sub, dim=_paddle_dim(layer), compat=spec.preset, seed=layer.seed)
-                sub.register_forward_post_hook(_path_probe(model.path_log, layer.name))
+                if layer.operator_input:
+                    dsn.spectral_norm_conv(sub, list(layer.operator_input), seed=layer.seed)
+                else:
+                    dsn.spectral_norm(sub, dim=_paddle_dim(layer), compat=spec.preset, seed=layer.seed)
+                # the operator norm divides by an autograd sigma on both paths: the switch tells
+                by_switch = layer.operator_input is not None
+                sub.register_forward_post_hook(_path_probe(model.path_log, layer.name, by_switch))
         model.train()
         return model
 
@@ -258,14 +263,19 @@ class PaddleFramework:
         return value.T if _transposed(_layer_of(model, layer_name)) else value
 
 
-def _path_probe(log: dict, name: str):
-    """A forward post-hook logging which path made the normalized weight of this forward."""
+def _path_probe(log: dict, name: str, by_switch: bool = False):
+    """A forward post-hook logging which path made the normalized weight of this forward
+    (``by_switch``: read off the plain switch, where both paths make the same grad node)."""
 
     def probe(layer, inputs, output):
         node = layer.weight.grad_fn
         if node is None:  # no graph recorded (no_grad): nothing to tell apart
             return
-        log.setdefault(name, set()).add(PATH_OF_GRAD_NODE.get(node.name(), f"unknown ({node.name()})"))
+        if by_switch:
+            path = "plain" if dsn._PLAIN else "fast"
+        else:
+            path = PATH_OF_GRAD_NODE.get(node.name(), f"unknown ({node.name()})")
+        log.setdefault(name, set()).add(path)
 
     return probe
 

@@ -119,9 +119,14 @@ class TorchFramework:
         model.path_log = {}
         for layer in spec.sn_layers:
             module = getattr(model, layer.name)
-            dsn.spectral_norm(module, dim=layer.dim, compat=spec.preset, seed=layer.seed)
-            exact = dsn.get_spectral_norm(module)._u is None
-            module.parametrizations.weight[0].register_forward_hook(_path_probe(model.path_log, layer.name, exact))
+            if layer.operator_input:
+                dsn.spectral_norm_conv(module, layer.operator_input, seed=layer.seed)
+            else:
+                dsn.spectral_norm(module, dim=layer.dim, compat=spec.preset, seed=layer.seed)
+            # no fused Function on either path: an exact 1-D norm, and the operator norm
+            # (sigma is autograd's conv of u, v on both paths)
+            by_switch = layer.operator_input is not None or dsn.get_spectral_norm(module)._u is None
+            module.parametrizations.weight[0].register_forward_hook(_path_probe(model.path_log, layer.name, by_switch))
         return model.train()
 
     @staticmethod
@@ -226,15 +231,15 @@ class TorchFramework:
         return self.numpy(weight)
 
 
-def _path_probe(log: dict, name: str, exact: bool):
+def _path_probe(log: dict, name: str, by_switch: bool):
     """A forward hook on a spectral-norm parametrization that logs which path produced the
-    normalized weight. An exactly normalized 1-D weight has no fused Function on either path
-    (both divide by a norm): for it only the plain switch tells."""
+    normalized weight. Where neither path has a fused Function (``by_switch``) only the plain
+    switch tells."""
 
     def probe(module, inputs, output):
         if output.grad_fn is None:  # no graph recorded (no_grad): nothing to tell apart
             return
-        if exact:
+        if by_switch:
             path = "plain" if dsn._plain else "fast"
         else:
             path = "fast" if type(output.grad_fn).__name__ == FAST_GRAD_FN else "plain"

@@ -61,6 +61,9 @@ class Layer:
     dim: int | None = None
     seed: int = 0
     in_shape: tuple[int, ...] | None = None
+    operator_input: tuple[int, ...] | None = None
+    """Register with ``spectral_norm_conv(input_shape=operator_input)`` (one sample's input):
+    the convolution's operator norm, under its own preset (``dualsn.spec.conv_spec``)."""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -93,6 +96,7 @@ class Layer:
         sizes = "x".join(map(str, self.sizes))
         extra = f",s{self.stride}" if self.stride != 1 else ""
         sn = "" if not self.sn else (" sn" if self.dim is None else f" sn(dim={self.dim})")
+        sn = " sn(operator)" if self.sn and self.operator_input else sn
         return f"{self.kind}[{sizes}{extra}]{sn}"
 
 
@@ -217,10 +221,11 @@ def sngan_discriminator(preset: str = "torch", transposed_conv: bool = True) -> 
 
 
 def resnet(preset: str = "torch") -> ModelSpec:
-    """A residual block on 3x5x5 images with a 1x1 conv shortcut, all under spectral norm,
-    and a linear head with an explicit negative dim."""
+    """A residual block on 3x5x5 images with a 1x1 conv shortcut, all under spectral norm (the
+    first conv by its operator norm, spectral_norm_conv), and a linear head with an explicit
+    negative dim."""
     layers = (
-        Layer("conv_a", "conv2d", (3, 4, 3), padding=1, seed=21),
+        Layer("conv_a", "conv2d", (3, 4, 3), padding=1, seed=21, operator_input=(3, 5, 5)),
         Layer("conv_b", "conv2d", (4, 4, 3), padding=1, dim=-4, seed=22),  # = dim 0, spelled negative
         Layer("shortcut", "conv2d", (3, 4, 1), seed=23),
         Layer("head", "linear", (4 * 5 * 5, 2), dim=-2, seed=24),  # canonical dim 0 (out)
