@@ -1393,23 +1393,29 @@ def _source_presets(checkpoint, selection: "Selection", source_preset):
     return {k: (v, basis) for k, v in meta.get("presets", {}).items()}
 
 
+def _sn_params(model):
+    """(adapter, layer, layer prefix, parameter name) of every spectral norm in ``model``."""
+    adapter = _adapter(framework_of(model))
+    layers = adapter.layers(model)
+    for prefix, locals_ in _group(adapter.state(model)).items():
+        layer = layers.get(prefix)
+        for local in locals_:
+            sn = _sn_param_of(local, locals_)
+            if sn and sn[1] == "original" and layer is not None:
+                yield adapter, layer, prefix, sn[0]
+
+
 def presets_of(model) -> dict[str, str]:
     """``{"conv1.weight": preset}`` for every spectral norm in ``model`` (any flavour): dualsn's
     by its algorithm (``"torch"``; the legacy order is ``"torch_legacy"`` in torch and
     ``"paddle"`` in Paddle, one algorithm), the torch parametrization ``"torch"``, the older
     torch hook ``"torch_legacy"``, Paddle's hook ``"paddle"``. :func:`save_checkpoint` records
     this in the file."""
-    adapter = _adapter(framework_of(model))
-    layers = adapter.layers(model)
     found = {}
-    for prefix, locals_ in _group(adapter.state(model)).items():
-        layer = layers.get(prefix)
-        for local in locals_:
-            sn = _sn_param_of(local, locals_)
-            if sn and sn[1] == "original" and layer is not None:
-                preset = adapter.sn_preset(layer, sn[0])
-                if preset is not None:
-                    found[_join(prefix, sn[0])] = preset
+    for adapter, layer, prefix, param in _sn_params(model):
+        preset = adapter.sn_preset(layer, param)
+        if preset is not None:
+            found[_join(prefix, param)] = preset
     return found
 
 
@@ -1426,17 +1432,11 @@ def _linear_layouts(model) -> dict[str, str]:
 
 def _sn_dims(model) -> dict[tuple[str, str], int]:
     """(layer prefix, param) -> dim of every spectral norm in ``model``."""
-    adapter = _adapter(framework_of(model))
-    layers = adapter.layers(model)
     dims = {}
-    for prefix, locals_ in _group(adapter.state(model)).items():
-        layer = layers.get(prefix)
-        for local in locals_:
-            sn = _sn_param_of(local, locals_)
-            if sn and sn[1] == "original" and layer is not None:
-                info = adapter.sn_info(layer, sn[0])
-                if info is not None:
-                    dims[(prefix, sn[0])] = info[0]
+    for adapter, layer, prefix, param in _sn_params(model):
+        info = adapter.sn_info(layer, param)
+        if info is not None:
+            dims[(prefix, param)] = info[0]
     return dims
 
 

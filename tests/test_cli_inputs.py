@@ -18,16 +18,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:When training, we now always tra
 
 from dualsn import cli, port  # noqa: E402
 from dualsn.examples import sngan  # noqa: E402
+from _native import save_native  # noqa: E402
 
 SNGAN = "dualsn.examples.sngan"
-
-
-def save_native(model, path) -> str:
-    if port.framework_of(model) == "torch":
-        torch.save(model.state_dict(), path)
-    else:
-        paddle.save(model.state_dict(), str(path))
-    return str(path)
 
 
 def numpy_state(model) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ import dualsn.torch as dtorch  # noqa: E402
 from dualsn import port  # noqa: E402
 from dualsn.examples import sngan  # noqa: E402
 from _numeric import rel  # noqa: E402
+from _native import save_native  # noqa: E402
 
 F32 = 1e-5
 
@@ -56,14 +57,6 @@ def warmed(model, which="D"):
         inputs = sngan.discriminator_inputs(4, seed) if which == "D" else sngan.generator_inputs(4, seed)
         forward(model, *inputs, training=True)
     return model
-
-
-def save_native(model, path) -> str:
-    if port.framework_of(model) == "torch":
-        torch.save(model.state_dict(), path)
-    else:
-        paddle.save(model.state_dict(), str(path))
-    return str(path)
 
 
 def live_sn(model) -> dict[str, tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
