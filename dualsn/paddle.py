@@ -329,7 +329,6 @@ class ConvOperator:
 
 
 _NUMPY_REAL = {paddle.float32: np.float32, paddle.float64: np.float64, paddle.complex64: np.float32, paddle.complex128: np.float64}
-_FLOAT_TINY = {dtype: float(np.finfo(real).tiny) for dtype, real in _NUMPY_REAL.items()}
 _FLOAT_MAX = {dtype: float(np.finfo(real).max) for dtype, real in _NUMPY_REAL.items()}
 
 
@@ -339,8 +338,9 @@ def _host_norm(x) -> float:
     on a host copy (u, v are vectors: the copy is small, and the rule stays in one place)."""
     flat = paddle.as_real(x).reshape([-1]) if _is_complex(x) else _flat(x)
     squared = paddle.matmul(flat, flat).item()
-    if math.isfinite(squared) and squared > _FLOAT_TINY.get(flat.dtype, 0.0):
-        return math.sqrt(squared)
+    norm = math.sqrt(squared) if squared >= 0 else math.nan
+    if _spec.plain_norm_trusted(norm, flat.dtype):
+        return norm
     return float(_spec.safe_norm(flat.numpy()))
 
 
@@ -354,7 +354,7 @@ def _normalize_into(y, target, eps: float, recovery=None) -> float | None:
     """
     norm = _host_norm(y)
     _spec.check_finite_sigma(norm)
-    if recovery is not None and norm < _FLOAT_TINY.get(target.dtype, 0.0):  # underflowed
+    if recovery is not None and norm < _spec.underflow_threshold(target.dtype):
         target.copy_(recovery, False)
         return None  # restarted: sigma is no longer r^2 / max(r, eps), see _sigma_from_norm
     target.copy_(y, False)
@@ -739,7 +739,7 @@ def _plain_normalize(x, eps: float, recovery=None):
     norm = _plain_norm(x)
     out = x / paddle.cast(paddle.maximum(norm, paddle.full([], eps, dtype=norm.dtype)), x.dtype)
     if recovery is not None:
-        underflowed = norm < float(np.finfo(_NUMPY_REAL[norm.dtype]).tiny)
+        underflowed = norm < _spec.underflow_threshold(norm.dtype)
         out = paddle.where(underflowed, recovery.reshape(x.shape), out)
     return out, norm
 

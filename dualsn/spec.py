@@ -14,7 +14,9 @@ and the normalized weight is ``W / sigma``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
 import threading
 from dataclasses import dataclass
 
@@ -50,6 +52,8 @@ __all__ = [
     "check_name",
     "check_num_svs",
     "safe_norm",
+    "underflow_threshold",
+    "plain_norm_trusted",
     "recovery_uv",
     "check_finite_sigma",
     "conv_spec",
@@ -370,6 +374,22 @@ def from_matrix(matrix: np.ndarray, weight_shape: tuple[int, ...], dim: int) -> 
 # Seeded u, v initialization: the same seed gives bit-identical u, v in every framework.
 
 
+@functools.lru_cache(maxsize=None)
+def underflow_threshold(dtype) -> float:
+    """The smallest normal number of ``dtype``'s real precision (numpy, torch or Paddle dtype,
+    or its name). A norm below it has underflowed: there pair 0's u, v restart from
+    :func:`recovery_uv` (see :func:`normalize`). Not zero, so that CPUs that flush subnormals
+    to zero decide the same."""
+    return float(np.finfo(init_dtype(str(dtype))).tiny)
+
+
+def plain_norm_trusted(norm: float, dtype) -> bool:
+    """Whether a plain sqrt(sum |x|^2) of ``dtype`` is exact to rounding: finite, and above
+    sqrt(smallest normal), below which the squared sum lost digits to underflow. Elsewhere
+    :func:`safe_norm` rescales by max|x|."""
+    return math.sqrt(underflow_threshold(dtype)) < norm < math.inf
+
+
 def safe_norm(x: np.ndarray):
     """||x|| in x's own (real) precision, without overflow or underflow of the squared sum:
     the plain sqrt(sum |x|^2) where that is representable, else max|x| * ||x / max|x|||.
@@ -377,8 +397,7 @@ def safe_norm(x: np.ndarray):
     x = np.asarray(x)
     with np.errstate(over="ignore", under="ignore"):  # out of range is what the fallback is for
         norm = np.linalg.norm(x)
-    tiny = np.finfo(norm.dtype).tiny
-    if np.isfinite(norm) and norm > np.sqrt(tiny) or norm == 0 and not np.any(x):
+    if plain_norm_trusted(norm, norm.dtype) or norm == 0 and not np.any(x):
         return norm
     scale = np.max(np.abs(x))
     if not np.isfinite(scale) or scale == 0:
@@ -392,11 +411,10 @@ def normalize(x: np.ndarray, eps: float, recovery: np.ndarray | None = None) -> 
     With ``recovery`` (pair 0 of the power iteration), an x whose norm has underflowed (below
     the dtype's smallest normal number, zero included) gives ``recovery`` instead: u, v never
     collapse to zero for good, so a weight that was all zero (or underflowed) is estimated
-    again as soon as it is not (see :func:`recovery_uv`). The threshold is the smallest
-    normal number, not zero, so that CPUs that flush subnormals to zero decide the same.
+    again as soon as it is not (see :func:`recovery_uv`, :func:`underflow_threshold`).
     """
     norm = safe_norm(x)
-    if recovery is not None and norm < np.finfo(norm.dtype).tiny:
+    if recovery is not None and norm < underflow_threshold(norm.dtype):
         return np.array(recovery, dtype=x.dtype)
     return x / np.maximum(norm, np.asarray(eps, dtype=norm.dtype))
 

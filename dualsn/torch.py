@@ -310,7 +310,7 @@ def _safe_norm(x: torch.Tensor, check_finite: bool = False):
     if host:
         norm = torch.linalg.vector_norm(x, 2, 0, True)
         value = norm.item()
-        if _SQRT_TINY[norm.dtype] < value < math.inf:
+        if _spec.plain_norm_trusted(value, norm.dtype):
             return norm, value
         if value == 0 and not bool(x.any()):
             return norm, 0.0
@@ -325,9 +325,6 @@ def _safe_norm(x: torch.Tensor, check_finite: bool = False):
     return norm, value
 
 
-_SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-
-
 def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: torch.Tensor | None = None):
     """``out <- x / max(||x||, eps)``, in place; returns ``||x||`` and ``max(||x||, eps)``.
 
@@ -339,7 +336,7 @@ def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: to
     """
     norm, value = _safe_norm(x, check_finite=True)
     denom = norm.clamp_min(eps)
-    tiny = torch.finfo(norm.dtype).tiny
+    tiny = _spec.underflow_threshold(norm.dtype)
     if recovery is None or value is not None and value >= tiny:
         torch.div(x, denom, out=out)
     elif value is not None:  # underflowed (zero included): restart
@@ -665,7 +662,7 @@ def _plain_normalize(x: torch.Tensor, eps: float, recovery: torch.Tensor | None 
     norm = _plain_norm(x)
     out = x / norm.clamp_min(eps)
     if recovery is not None:
-        out = torch.where(norm < torch.finfo(norm.dtype).tiny, recovery, out)
+        out = torch.where(norm < _spec.underflow_threshold(norm.dtype), recovery, out)
     return out, norm
 
 
