@@ -1,8 +1,11 @@
-"""The dualsn spectral-normalization algorithm, defined once.
+"""The dualsn spectral-normalization algorithm's rules, defined once.
 
 Every backend (``dualsn.torch``, ``dualsn.paddle``) and every conformance driver takes its
-rules from this module, and the numpy reference at the bottom is the oracle they are tested
-against. This module imports numpy and nothing else: no framework.
+rules from this module: the presets and defaults, the shapes and ``dim`` semantics, the
+iteration order, the norm-range rules and the seeded initialization of u and v. The numpy
+reference that follows these rules is :mod:`dualsn.reference`; argument checks are in
+:mod:`dualsn.options`, the Linear layout and default-dim rule in :mod:`dualsn.layout`. This
+module imports numpy and nothing else: no framework.
 
 Notation. The weight ``W`` is a tensor; ``dim`` is its output-features axis. The *W-matrix* is
 ``W`` with ``dim`` moved to the front and the other axes flattened, shape ``(h, w)``. ``u`` has
@@ -22,14 +25,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dualsn.layout import DEFAULT_DIM_1_LAYERS, default_dim
+from dualsn.options import (
+    ORDERS,
+    VECTOR_MODES,
+    ArgumentTypeError,
+    DimOutOfRangeError,
+    ParameterNotFoundError,
+    check_name,
+    check_num_svs,
+    check_seed,
+    check_spec_fields,
+    is_int,
+    require_type,
+)
+
 __all__ = [
     "Spec",
     "PRESETS",
     "ORDERS",
     "VECTOR_MODES",
+    "DEFAULT_EPS",
     "DEFAULT_DIM_1_LAYERS",
     "make_spec",
     "default_dim",
+    "in_order",
     "init_dtype",
     "canonical_dim",
     "check_weight_shape",
@@ -59,63 +79,36 @@ __all__ = [
     "conv_spec",
 ]
 
-
-# ---------------------------------------------------------------------------------------------
-# Errors. Each is the type the built-ins raise for that mistake (torch's and Paddle's differ),
-# and also a ValueError, so ``except ValueError`` keeps catching every bad argument.
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """An argument of the wrong type (``n_power_iterations="1"``, ``name=3``): a TypeError, as
-    in every built-in."""
+# Names of the numpy reference, served from dualsn.reference (which imports this module) on
+# first use, so ``spec.ReferenceSN`` and ``spec.power_iteration`` keep working.
+_REFERENCE_NAMES = frozenset(
+    {"power_step", "power_iteration", "training_iterations", "sigma", "normalized_weight_grad", "ReferenceSN"}
+)
 
 
-class DimOutOfRangeError(IndexError, ValueError):
-    """``dim`` outside the weight's axes: torch raises IndexError, Paddle's built-in
-    ValueError."""
+def __getattr__(name: str):
+    if name in _REFERENCE_NAMES:
+        from dualsn import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ParameterNotFoundError(KeyError, ValueError):
-    """No parameter called ``name``: Paddle's built-in and torch's legacy hook raise KeyError,
-    torch's parametrization ValueError."""
-
-    def __str__(self) -> str:  # KeyError would show the message as a quoted repr
-        return str(self.args[0])
+DEFAULT_EPS = 1e-12
+"""The ``eps`` of N(x) = x / max(||x||, eps) when the user gives none (as in every built-in)."""
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _require_type(field: str, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ArgumentTypeError(f"Expected {field} to be {allowed}, but got {field}={value!r} ({type(value).__name__})")
-
-
-def check_name(name) -> None:
-    """TypeError unless the parameter name is a string."""
-    _require_type("name", name, isinstance(name, str), "a str (the name of a parameter)")
-
-
-def check_num_svs(num_svs: int, h: int, w: int) -> None:
-    """ValueError when ``num_svs`` exceeds the W-matrix's rank bound min(h, w): Gram-Schmidt
-    would run out of directions and return zero or repeated vectors."""
-    if num_svs > min(h, w):
-        raise ValueError(
-            f"Expected num_svs <= min(h, w) = {min(h, w)} for a {h} x {w} W-matrix, but got num_svs={num_svs}"
-        )
-
-ORDERS = ("uv", "vu")
-"""``"uv"``: u <- N(W v), then v <- N(W^H u) (torch parametrizations).
-``"vu"``: v <- N(W^H u), then u <- N(W v) (torch legacy hook, Paddle hook)."""
-
-VECTOR_MODES = ("exact", "matrix")
-"""How a 1-D weight is normalized. ``"exact"``: W / max(||W||, eps), no u or v state.
-``"matrix"``: W is an (n x 1) matrix and goes through the power iteration like any other."""
+def in_order(order: str, update_u, update_v):
+    """One power iteration's two half-steps in ``order`` (:data:`ORDERS`): "uv" calls
+    ``update_u()`` (u <- N(W v)) and then ``update_v()`` (v <- N(W^H u)); "vu" the other way
+    round. Returns what the second call returns (the implementations return the unnormalized
+    vector or its norm, the sigma estimate). Every implementation runs its steps through this,
+    so the order is decided here only."""
+    if order == "uv":
+        update_u()
+        return update_v()
+    update_v()
+    return update_u()
 
 
 @dataclass(frozen=True)
@@ -138,7 +131,7 @@ class Spec:
     """
 
     n_power_iterations: int = 1
-    eps: float = 1e-12
+    eps: float = DEFAULT_EPS
     order: str = "uv"
     warmup_iterations: int = 15
     registration_forward: bool = True
@@ -150,46 +143,7 @@ class Spec:
     num_svs: int = 1
 
     def __post_init__(self) -> None:
-        _require_type("n_power_iterations", self.n_power_iterations, _is_int(self.n_power_iterations), "an int")
-        if self.n_power_iterations <= 0:
-            raise ValueError(
-                "Expected n_power_iterations to be a positive integer, but got "
-                f"n_power_iterations={self.n_power_iterations!r}"
-            )
-        _require_type("eps", self.eps, _is_real(self.eps), "a float")
-        if not (self.eps > 0 and np.isfinite(self.eps)):
-            raise ValueError(f"Expected eps to be a finite float > 0, but got eps={self.eps!r}")
-        if self.order not in ORDERS:
-            raise ValueError(f"Expected order to be one of {ORDERS}, but got order={self.order!r}")
-        _require_type("warmup_iterations", self.warmup_iterations, _is_int(self.warmup_iterations), "an int")
-        if self.warmup_iterations < 0:
-            raise ValueError(
-                "Expected warmup_iterations to be an integer >= 0, but got "
-                f"warmup_iterations={self.warmup_iterations!r}"
-            )
-        if self.vector_mode not in VECTOR_MODES:
-            raise ValueError(
-                f"Expected vector_mode to be one of {VECTOR_MODES}, but got "
-                f"vector_mode={self.vector_mode!r}"
-            )
-        for field in ("coeff", "atol", "rtol"):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            _require_type(field, value, _is_real(value), "None or a float")
-            if not np.isfinite(value) or value < 0 or (field == "coeff" and value == 0):
-                allowed = "> 0" if field == "coeff" else ">= 0"
-                raise ValueError(f"Expected {field} to be None or a finite float {allowed}, but got {field}={value!r}")
-        for field in ("max_iterations", "num_svs"):
-            value = getattr(self, field)
-            _require_type(field, value, _is_int(value), "an int")
-            if value < 1:
-                raise ValueError(f"Expected {field} to be a positive integer, but got {field}={value!r}")
-        if self.uses_tolerance and self.max_iterations < self.n_power_iterations:
-            raise ValueError(
-                "Expected max_iterations >= n_power_iterations, but got "
-                f"max_iterations={self.max_iterations}, n_power_iterations={self.n_power_iterations}"
-            )
+        check_spec_fields(self)
 
     @property
     def uses_tolerance(self) -> bool:
@@ -257,39 +211,15 @@ typical GAN convolutions (3-64 channels, 3x3/4x4 kernels, 8x8-16x16 inputs; 2e-3
 Each costs one convolution and one transposed convolution of a single sample."""
 
 
-def conv_spec(n_power_iterations: int = 1, eps: float = 1e-12, **features) -> "Spec":
+def conv_spec(n_power_iterations: int = 1, eps: float = DEFAULT_EPS, **features) -> "Spec":
     """The Spec of ``spectral_norm_conv``: :data:`CONV_COMPAT` with
     :data:`CONV_WARMUP_ITERATIONS` at registration, and the user's settings."""
     return make_spec(CONV_COMPAT, n_power_iterations, eps, **features).replace(
         warmup_iterations=CONV_WARMUP_ITERATIONS
     )
 
-DEFAULT_DIM_1_LAYERS: dict[str, tuple[str, ...]] = {
-    "torch": ("torch.nn.ConvTranspose1d", "torch.nn.ConvTranspose2d", "torch.nn.ConvTranspose3d"),
-    # paddle.nn.Linear stores its weight as [in, out]; paddle.compat.nn.Linear keeps torch's
-    # [out, in] and is not a subclass of paddle.nn.Linear, so it stays at dim 0.
-    "paddle": (
-        "paddle.nn.Conv1DTranspose",
-        "paddle.nn.Conv2DTranspose",
-        "paddle.nn.Conv3DTranspose",
-        "paddle.nn.Linear",
-    ),
-}
-"""Layer classes whose default ``dim`` is 1 (the output-features axis); every other layer
-defaults to 0. With these defaults the W-matrix of a layer is the same matrix in both
-frameworks, so u and v move between them unchanged."""
-
-
-def default_dim(is_dim_1_layer: bool, ndim: int) -> int:
-    """``dim`` when the user passes None: 1 for a layer in :data:`DEFAULT_DIM_1_LAYERS`, else 0.
-
-    A 1-D weight (a bias, a scale) has no axis 1, so it always gets 0.
-    """
-    return 1 if is_dim_1_layer and ndim > 1 else 0
-
-
 def make_spec(
-    compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: float = 1e-12, **features
+    compat: str = DEFAULT_COMPAT, n_power_iterations: int = 1, eps: float = DEFAULT_EPS, **features
 ) -> Spec:
     """The preset ``compat`` with the user's ``n_power_iterations`` and ``eps``, plus any of
     the opt-in features no built-in has: ``coeff``, ``atol``, ``rtol``, ``max_iterations``,
@@ -298,7 +228,7 @@ def make_spec(
     Raises :class:`ArgumentTypeError` (a TypeError) naming the argument for a wrong type, and
     ValueError for an unknown preset or a bad value.
     """
-    _require_type("compat", compat, isinstance(compat, str), "a str")
+    require_type("compat", compat, isinstance(compat, str), "a str")
     if compat not in PRESETS:
         raise ValueError(
             f"Expected compat to be one of {tuple(PRESETS)}, but got compat={compat!r}"
@@ -319,7 +249,7 @@ FEATURES = ("coeff", "atol", "rtol", "max_iterations", "num_svs")
 
 def canonical_dim(dim: int, ndim: int) -> int:
     """``dim`` as a non-negative axis of a rank-``ndim`` weight; IndexError if out of range."""
-    _require_type("dim", dim, _is_int(dim), "an int or None")
+    require_type("dim", dim, is_int(dim), "an int or None")
     low = -max(ndim, 1)
     high = max(ndim, 1) - 1
     if not low <= dim <= high:
@@ -436,7 +366,7 @@ digits, and the power iteration's rounding would bias sigma (the torch built-in 
 the weight's dtype; mixed-precision users asked for float32)."""
 
 
-def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
     """Seeded initial u (h entries) and v (w entries), normalized.
 
     Draws standard normals from ``numpy.random.Generator(PCG64(seed))``: u's h values, then v's
@@ -450,7 +380,7 @@ def init_uv(h: int, w: int, seed: int, dtype="float32", eps: float = 1e-12) -> t
     return u, v
 
 
-def init_extra_uv(h: int, w: int, count: int, seed: int, dtype="float32", eps: float = 1e-12):
+def init_extra_uv(h: int, w: int, count: int, seed: int, dtype="float32", eps: float = DEFAULT_EPS):
     """Seeded starting vectors of the ``count`` extra pairs that ``num_svs > 1`` adds:
     arrays of shape (count, h) and (count, w), each row normalized.
 
@@ -467,7 +397,7 @@ RECOVERY_STREAM = 2
 """``recovery_uv`` draws from ``PCG64([seed, RECOVERY_STREAM])`` (init_extra_uv uses 1)."""
 
 
-def recovery_uv(h: int, w: int, seed: int | None, dtype="float32", eps: float = 1e-12):
+def recovery_uv(h: int, w: int, seed: int | None, dtype="float32", eps: float = DEFAULT_EPS):
     """The unit vectors u, v restart from when a power-iteration step would make them zero
     (an all-zero or underflowing W): drawn like :func:`init_uv` from
     ``PCG64([seed, RECOVERY_STREAM])``, seed 0 for a layer registered without a seed. The same
@@ -524,14 +454,6 @@ def manual_seed(seed: int | None) -> None:
     _SEEDS.reset(seed)
 
 
-def check_seed(seed) -> None:
-    if seed is None:
-        return
-    _require_type("seed", seed, _is_int(seed), "a non-negative int or None")
-    if seed < 0:
-        raise ValueError(f"Expected seed to be a non-negative int or None, but got seed={seed!r}")
-
-
 def next_seed(seed: int | None = None) -> int | None:
     """The seed a registration uses: its own ``seed`` if given, else the manual_seed stream's
     next one, else None (meaning: draw from the framework's RNG)."""
@@ -539,118 +461,6 @@ def next_seed(seed: int | None = None) -> int | None:
     if seed is not None:
         return int(seed)
     return _SEEDS.next()
-
-
-# ---------------------------------------------------------------------------------------------
-# The numpy reference implementation.
-
-
-def _orthogonalize(x: np.ndarray, basis: list[np.ndarray]) -> np.ndarray:
-    """x minus its projections on the (orthonormal) earlier vectors: Gram-Schmidt."""
-    for b in basis:
-        x = x - np.vdot(b, x) * b
-    return x
-
-
-def power_step(w_mat: np.ndarray, us: list, vs: list, order: str, eps: float, recovery=None):
-    """One power iteration on every (u_i, v_i) pair, in ``order``.
-
-    Pair i is orthogonalized against pairs 0..i-1 (Gram-Schmidt, as BigGAN estimates several
-    singular values), so pair 0 is the plain iteration. Returns the new lists and r, the norm
-    of pair 0's last vector before normalization (||W^H u|| for "uv", ||W v|| for "vu"): the
-    sigma estimate the tolerance stop compares. After the step u^H W v = r^2 / max(r, eps),
-    which is r whenever r >= eps. ``recovery`` = (u, v) of :func:`recovery_uv`: pair 0's
-    vectors restart from them instead of becoming zero (see :func:`normalize`).
-    """
-    w_h = w_mat.conj().T
-    new_us: list = []
-    new_vs: list = []
-    last_norm = None
-    for u, v in zip(us, vs):
-        rec_u, rec_v = recovery if recovery is not None and not new_us else (None, None)
-        if order == "uv":
-            u = normalize(_orthogonalize(w_mat @ v, new_us), eps, rec_u)
-            last = _orthogonalize(w_h @ u, new_vs)
-            v = normalize(last, eps, rec_v)
-        else:
-            v = normalize(_orthogonalize(w_h @ u, new_vs), eps, rec_v)
-            last = _orthogonalize(w_mat @ v, new_us)
-            u = normalize(last, eps, rec_u)
-        if last_norm is None:
-            last_norm = safe_norm(last)
-        new_us.append(u)
-        new_vs.append(v)
-    return new_us, new_vs, last_norm
-
-
-def power_iteration(
-    w_mat: np.ndarray, u: np.ndarray, v: np.ndarray, n: int, order: str, eps: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` power iterations on the W-matrix, in ``order``; returns new (u, v)."""
-    us, vs = [u], [v]
-    for _ in range(n):
-        us, vs, _ = power_step(w_mat, us, vs, order, eps)
-    return us[0], vs[0]
-
-
-def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec, recovery=None):
-    """The power iterations of one training forward; returns (us, vs, count).
-
-    Fixed count: ``spec.n_power_iterations``. With ``atol``/``rtol``: at least
-    ``n_power_iterations`` and at least 2, stopping after the first iteration whose sigma
-    estimate settled against the previous one (:meth:`Spec.settled`), at most
-    ``spec.max_iterations``.
-    """
-    if not spec.uses_tolerance:
-        for _ in range(spec.n_power_iterations):
-            us, vs, _ = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
-        return us, vs, spec.n_power_iterations
-    previous = None
-    count = 0
-    while count < spec.max_iterations:
-        us, vs, estimate = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
-        count += 1
-        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
-            break
-        previous = estimate
-    return us, vs, count
-
-
-def sigma(w_mat: np.ndarray, u: np.ndarray, v: np.ndarray):
-    """sigma = u^H W v."""
-    return np.vdot(u, w_mat @ v)
-
-
-def normalized_weight_grad(
-    grad: np.ndarray, weight: np.ndarray, u, v, dim: int, spec: Spec
-) -> np.ndarray:
-    """dL/dW given dL/dW_sn (``grad``), with u and v held constant.
-
-    Matrix case, W_sn = W / sigma: (G - <W_sn, G> u v^H) / conj(sigma), where
-    <A, B> = sum(conj(A) * B). Exact 1-D case, W_sn = W / n with n = max(||W||, eps):
-    (G - Re<w_hat, G> w_hat) / n (just G / eps when ||W|| <= eps).
-    With ``coeff`` and the bound active (divisor d = sigma / coeff): W_sn = W / d and the
-    same formulas hold with G scaled by coeff, i.e. (coeff G - <W_sn, G> u v^H) / conj(sigma);
-    with the bound inactive W_sn = W and the gradient is G.
-    Gradients of complex tensors follow torch's convention (dL/dRe + i dL/dIm).
-    """
-    scale = 1.0 if spec.coeff is None else spec.coeff
-    if spec.is_exact_vector(weight.ndim):
-        norm = safe_norm(weight)
-        if spec.divisor(max(norm, spec.eps)) == 1.0 and spec.coeff is not None:
-            return grad
-        if norm <= spec.eps:
-            return scale * grad / np.asarray(spec.eps, dtype=norm.dtype)
-        w_hat = weight / norm
-        return scale * (grad - np.vdot(w_hat, grad).real * w_hat) / norm
-    s = sigma(to_matrix(weight, dim), u, v)
-    if spec.coeff is not None and spec.divisor(s) == 1.0:
-        return grad
-    if spec.sigma_floored(s):
-        return grad / np.asarray(spec.eps, dtype=np.real(grad).dtype)  # W / eps: a constant divisor
-    w_sn = weight / spec.divisor(s)
-    rank_one = from_matrix(np.outer(u, v.conj()), weight.shape, dim)
-    return (scale * grad - np.vdot(w_sn, grad) * rank_one) / np.conj(s)
 
 
 def check_finite_sigma(sigma) -> None:
@@ -666,113 +476,3 @@ def check_finite_sigma(sigma) -> None:
         )
 
 
-class ReferenceSN:
-    """Spectral norm of one weight, in numpy: the oracle for every backend.
-
-    Holds u and v (None for an exact 1-D weight) and, with ``spec.num_svs > 1``, the extra
-    pairs in ``extra_u``/``extra_v`` (shape (num_svs - 1, h) and (num_svs - 1, w)), and
-    follows the same life cycle as a registered module: registration runs
-    ``spec.registration_iterations(training)``; each training forward runs
-    :func:`training_iterations` and then normalizes; an eval forward normalizes with the
-    stored u, v. The extra pairs only estimate further singular values for monitoring: they
-    never change the normalized weight.
-    """
-
-    def __init__(
-        self, weight: np.ndarray, dim: int, spec: Spec, u0=None, v0=None, training: bool = True,
-        extra_u0=None, extra_v0=None, seed: int | None = None,
-    ):
-        check_weight_shape(weight.shape)
-        self.spec = spec
-        self.recovery = None
-        self.dim = canonical_dim(dim, weight.ndim)
-        self.u: np.ndarray | None = None
-        self.v: np.ndarray | None = None
-        self.extra_u: np.ndarray | None = None
-        self.extra_v: np.ndarray | None = None
-        self.last_iterations = 0
-        if spec.is_exact_vector(weight.ndim):
-            return
-        h, w = matrix_shape(weight.shape, self.dim)
-        if u0 is None or v0 is None:
-            raise ValueError("ReferenceSN needs u0 and v0 for a weight with power iteration")
-        if np.shape(u0) != (h,) or np.shape(v0) != (w,):
-            raise ValueError(f"u0, v0 must have shapes ({h},), ({w},)")
-        self.u = np.array(u0, dtype=weight.dtype)
-        self.v = np.array(v0, dtype=weight.dtype)
-        self.recovery = recovery_uv(h, w, seed, weight.dtype, spec.eps)
-        if spec.num_svs > 1:
-            k = spec.num_svs - 1
-            if np.shape(extra_u0) != (k, h) or np.shape(extra_v0) != (k, w):
-                raise ValueError(f"num_svs={spec.num_svs} needs extra_u0, extra_v0 of shapes ({k}, {h}), ({k}, {w})")
-            self.extra_u = np.array(extra_u0, dtype=weight.dtype)
-            self.extra_v = np.array(extra_v0, dtype=weight.dtype)
-        self.iterate(weight, spec.registration_iterations(training))
-
-    def _pairs(self):
-        us, vs = [self.u], [self.v]
-        if self.extra_u is not None:
-            us += list(self.extra_u)
-            vs += list(self.extra_v)
-        return us, vs
-
-    def _store(self, us, vs) -> None:
-        self.u, self.v = us[0], vs[0]
-        if self.extra_u is not None:
-            self.extra_u, self.extra_v = np.stack(us[1:]), np.stack(vs[1:])
-
-    def iterate(self, weight: np.ndarray, n: int) -> None:
-        """Exactly ``n`` power iterations (registration, warm-up)."""
-        if self.u is None or n == 0:
-            return
-        us, vs = self._pairs()
-        w_mat = to_matrix(weight, self.dim)
-        for _ in range(n):
-            us, vs, _ = power_step(w_mat, us, vs, self.spec.order, self.spec.eps, self.recovery)
-        self._store(us, vs)
-
-    def sigma(self, weight: np.ndarray):
-        """sigma from the stored u, v (the norm itself for an exact 1-D weight)."""
-        if self.u is None:
-            return np.maximum(safe_norm(weight), np.asarray(self.spec.eps, dtype=weight.real.dtype))
-        return sigma(to_matrix(weight, self.dim), self.u, self.v)
-
-    def singular_values(self, weight: np.ndarray) -> list:
-        """u_i^H W v_i for every pair: sigma first, then the further estimates."""
-        if self.u is None:
-            return [self.sigma(weight)]
-        w_mat = to_matrix(weight, self.dim)
-        us, vs = self._pairs()
-        return [sigma(w_mat, u, v) for u, v in zip(us, vs)]
-
-    def forward(self, weight: np.ndarray, training: bool) -> np.ndarray:
-        """The normalized weight, running the training iterations first in training mode."""
-        if training and self.u is not None:
-            w_mat = to_matrix(weight, self.dim)
-            us, vs, count = training_iterations(w_mat, *self._pairs(), self.spec, self.recovery)
-            check_finite_sigma(sigma(w_mat, us[0], vs[0]))
-            self._store(us, vs)
-            self.last_iterations = count
-        elif not training:
-            self.last_iterations = 0
-        return weight / self.spec.divisor(self.sigma(weight))
-
-    def weight_grad(self, grad: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """dL/dW through the last forward (u, v as they are now)."""
-        return normalized_weight_grad(grad, weight, self.u, self.v, self.dim, self.spec)
-
-    def state(self) -> dict[str, np.ndarray]:
-        if self.u is None:
-            return {}
-        state = {"u": self.u.copy(), "v": self.v.copy()}
-        if self.extra_u is not None:
-            state.update(extra_u=self.extra_u.copy(), extra_v=self.extra_v.copy())
-        return state
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        if self.u is not None:
-            self.u = np.array(state["u"], dtype=self.u.dtype)
-            self.v = np.array(state["v"], dtype=self.v.dtype)
-            if self.extra_u is not None:
-                self.extra_u = np.array(state["extra_u"], dtype=self.extra_u.dtype)
-                self.extra_v = np.array(state["extra_v"], dtype=self.extra_v.dtype)
