@@ -78,26 +78,16 @@ def power_iteration(
 
 
 def training_iterations(w_mat: np.ndarray, us: list, vs: list, spec: Spec, recovery=None):
-    """The power iterations of one training forward; returns (us, vs, count).
+    """The power iterations of one training forward (:meth:`Spec.run_training_iterations`);
+    returns (us, vs, count)."""
+    state = {"us": us, "vs": vs}
 
-    Fixed count: ``spec.n_power_iterations``. With ``atol``/``rtol``: at least
-    ``n_power_iterations`` and at least 2, stopping after the first iteration whose sigma
-    estimate settled against the previous one (:meth:`Spec.settled`), at most
-    ``spec.max_iterations``.
-    """
-    if not spec.uses_tolerance:
-        for _ in range(spec.n_power_iterations):
-            us, vs, _ = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
-        return us, vs, spec.n_power_iterations
-    previous = None
-    count = 0
-    while count < spec.max_iterations:
-        us, vs, estimate = power_step(w_mat, us, vs, spec.order, spec.eps, recovery)
-        count += 1
-        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
-            break
-        previous = estimate
-    return us, vs, count
+    def step():
+        state["us"], state["vs"], estimate = power_step(w_mat, state["us"], state["vs"], spec.order, spec.eps, recovery)
+        return estimate
+
+    count = spec.run_training_iterations(step)
+    return state["us"], state["vs"], count
 
 
 def sigma(w_mat: np.ndarray, u: np.ndarray, v: np.ndarray):

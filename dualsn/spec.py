@@ -168,6 +168,28 @@ class Spec:
             return self.eps if self.sigma_floored(sigma) else sigma
         return sigma / self.coeff if np.real(sigma) > self.coeff else 1.0
 
+    def run_training_iterations(self, step) -> int:
+        """The power iterations of one training forward, each done by ``step()``, which returns
+        its sigma estimate (None where the caller does not read it); returns how many ran.
+
+        Fixed count: ``n_power_iterations``. With ``atol``/``rtol``: at least
+        ``n_power_iterations`` and at least 2, stopping after the first iteration whose
+        estimate settled against the previous one (:meth:`settled`), at most
+        ``max_iterations``."""
+        if not self.uses_tolerance:
+            for _ in range(self.n_power_iterations):
+                step()
+            return self.n_power_iterations
+        previous = None
+        count = 0
+        while count < self.max_iterations:
+            estimate = step()
+            count += 1
+            if count >= self.n_power_iterations and None not in (previous, estimate) and self.settled(previous, estimate):
+                break
+            previous = estimate
+        return count
+
     def sigma_floored(self, sigma) -> bool:
         """True when :meth:`divisor` replaces sigma by eps (no ``coeff``, sigma == 0)."""
         return self.coeff is None and sigma == 0
@@ -196,6 +218,36 @@ PRESETS: dict[str, Spec] = {
     "paddle": Spec(order="vu", warmup_iterations=0, registration_forward=False, vector_mode="matrix"),
 }
 """Compat presets. Each equals the named built-in's algorithm exactly (u, v init aside)."""
+
+ALGORITHM_FIELDS = ("order", "warmup_iterations", "registration_forward", "vector_mode")
+"""The Spec fields a preset fixes; the others are the user's (n, eps) or opt-in features."""
+
+LEGACY_PRESETS = ("torch_legacy", "paddle")
+"""Two names of one algorithm (v first, no warm-up, 1-D weights as matrices): a port between
+them is no mismatch."""
+
+
+def matching_presets(spec: Spec) -> list[str]:
+    """The :data:`PRESETS` whose algorithm ``spec`` follows (n, eps and features aside)."""
+    return [name for name, preset in PRESETS.items()
+            if all(getattr(preset, k) == getattr(spec, k) for k in ALGORITHM_FIELDS)]
+
+
+def preset_for_order(order, framework: str) -> str:
+    """The preset a spectral norm's state depends on, known from its update ``order`` only:
+    ``"torch"`` for u first, else the legacy order, named after ``framework`` (``"torch_legacy"``
+    in torch, ``"paddle"`` in Paddle); ``"custom"`` for anything else."""
+    if order == "uv":
+        return "torch"
+    if order == "vu":
+        return "torch_legacy" if framework == "torch" else "paddle"
+    return "custom"
+
+
+def same_algorithm(preset_a: str, preset_b: str) -> bool:
+    """Whether two preset names name one algorithm (:data:`LEGACY_PRESETS` are one)."""
+    return preset_a == preset_b or {preset_a, preset_b} <= set(LEGACY_PRESETS)
+
 
 DEFAULT_COMPAT = "torch"
 
