@@ -56,17 +56,17 @@ from dualsn.torch._api import (
 )
 from dualsn.torch._grad import weight_grad
 from dualsn.torch._iteration import power_iteration_
-from dualsn.torch._matrix import ConvGeometry, ConvOperator, WeightMatrix  # noqa: F401 (ConvGeometry: pickles)
+from dualsn.torch._matrix import ConvGeometry, ConvOperator, WeightMatrix  # noqa: F401 (ConvGeometry: as before)
 from dualsn.torch._plain import plain_path
 from dualsn.torch._registry import get_spectral_norm, is_spectral_norm
 from dualsn.torch._sn import SpectralNorm, SpectralNormConv
 
 # used by tools until adapter.py lands
-from dualsn.torch._registry import _find, _sn_input  # noqa: F401,E402
+from dualsn.torch._registry import _find, _sn_input  # noqa: F401
 
-# Pickles of parametrized modules made before the package split name their rebuild function
-# as dualsn.torch._rebuild_parametrized.
-from dualsn.torch._registry import _rebuild_parametrized  # noqa: F401,E402
+# Pickled modules (torch.save(model)) made before the package split name their rebuild
+# function dualsn.torch._rebuild_parametrized.
+from dualsn.torch._registry import _rebuild_parametrized  # noqa: F401
 
 __all__ = [
     "SpectralNorm",
