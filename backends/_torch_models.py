@@ -240,7 +240,7 @@ def _path_probe(log: dict, name: str, by_switch: bool):
         if output.grad_fn is None:  # no graph recorded (no_grad): nothing to tell apart
             return
         if by_switch:
-            path = "plain" if dsn._plain else "fast"
+            path = "plain" if dsn._plain.enabled() else "fast"
         else:
             path = "fast" if type(output.grad_fn).__name__ == FAST_GRAD_FN else "plain"
         log.setdefault(name, set()).add(path)

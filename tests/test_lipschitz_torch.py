@@ -163,7 +163,7 @@ def test_coeff_forward_and_gradient_equal_reference(compat, dtype, shape, dim, a
 
     ``tensor_scalars`` forces the gradient path used off the CPU (no .item())."""
     if tensor_scalars:
-        monkeypatch.setattr(dt, "_is_compiling", lambda: True)
+        monkeypatch.setattr(dt._dtypes, "_is_compiling", lambda: True)
     w_np = random_array(shape, dtype, seed=6)
     top = np.linalg.svd(spec.to_matrix(w_np, spec.canonical_dim(dim, len(shape))), compute_uv=False)[0]
     coeff = float(top * (0.5 if active else 2.0))

@@ -1,0 +1,179 @@
+"""What a spectral norm keeps between forwards: the eval-mode cache of the normalized weight
+(:class:`_EvalCache`) and the sigma of the last forward (:class:`_SigmaRecord`), both checked
+on every use against what they were computed from.
+
+The functions below take the :class:`~dualsn.torch.SpectralNorm` itself (``sn``): they read its
+plain attributes, its buffers and its ``_sigma_of`` / ``_divide_by``, and write its ``_cache``
+and ``_record``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dualsn.torch import _dtypes
+from dualsn.torch._grad import _divisor
+
+_SAMPLES = 256
+"""Entries of W compared by value on every cache hit (see :class:`_EvalCache`)."""
+
+
+class _EvalCache:
+    """The normalized weight of the last eval forward, and what it was computed from.
+
+    It is valid while W, u and v are unchanged, which :meth:`valid` checks on every use:
+
+    * W, u, v are the same tensor objects, W with the same data pointer, shape and strides
+      (W's storage is held here, so its address cannot be reused by another tensor);
+    * their version counters did not move: every tracked in-place change bumps them
+      (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
+    * 256 entries spread over W are unchanged by value: writes through ``.data`` bypass the
+      version counter, and this catches whole-tensor ones such as an EMA of the weights
+      written through ``.data`` (u and v written through ``.data`` while W is not changed are
+      not seen: set ``cache_eval = False`` for such code, or call :func:`invalidate_cache`);
+    * the returned tensor's own version counter did not move (the caller did not modify it).
+
+    The check is kept to a few attribute reads and two tensor operations on purpose: an eval
+    forward streams W through the CPU caches, so everything here runs cache-cold.
+    """
+
+    __slots__ = ("weight", "u", "v", "storage", "index", "sample", "key", "sigma", "out")
+
+    def __init__(self, weight, u, v, sigma) -> None:
+        self.weight, self.u, self.v = weight, u, v
+        self.storage = weight.untyped_storage()
+        self.index = _sample_index(weight)
+        self.sample = torch.take(weight, self.index)
+        self.sigma = sigma
+        self.out = None
+        self.key = self._key(weight, u, v, None)
+
+    @staticmethod
+    def _key(weight, u, v, out):
+        return (
+            weight._version,
+            weight.data_ptr(),
+            weight.shape,
+            weight.stride(),
+            u._version,
+            v._version,
+            None if out is None else out._version,
+        )
+
+    def valid(self, weight, u, v) -> bool:
+        """Whether the cached sigma (and output, if any) still belong to ``weight``, u, v."""
+        return (
+            weight is self.weight
+            and u is self.u
+            and v is self.v
+            and self._key(weight, u, v, self.out) == self.key
+            and torch.equal(torch.take(weight, self.index), self.sample)
+        )
+
+    def set_output(self, out) -> None:
+        self.out = out
+        self.key = self._key(self.weight, self.u, self.v, out)
+
+
+def _sample_index(weight: torch.Tensor) -> torch.Tensor:
+    """Where :class:`_EvalCache` and :class:`_SigmaRecord` sample W: every entry of a small W,
+    else 256 evenly spread ones, first and last included (integer arithmetic: exact for any
+    size)."""
+    n = weight.numel()
+    if n <= _SAMPLES:
+        return torch.arange(n, device=weight.device)
+    return torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
+
+
+class _SigmaRecord:
+    """The sigma of the last forward, and what it was computed from: :func:`sigma` returns it
+    while it is valid, by the checks of :class:`_EvalCache` (same W, u, v objects, W's
+    storage, version counters, 256 sampled entries of W). Once :func:`sigma` has been read, one
+    is made on every training forward, so it holds no output and costs one small gather."""
+
+    __slots__ = ("weight", "u", "v", "storage", "key", "index", "sample", "sigma")
+
+    def __init__(self, weight, u, v, sigma, index) -> None:
+        self.weight, self.u, self.v, self.sigma, self.index = weight, u, v, sigma, index
+        self.storage = weight.untyped_storage()  # held: its address cannot be reused
+        self.sample = torch.take(weight, index)
+        self.key = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+
+    def valid(self, weight, u, v) -> bool:
+        return (
+            weight is self.weight
+            and u is self.u
+            and v is self.v
+            and (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+            == self.key
+            and torch.equal(torch.take(weight, self.index), self.sample)
+        )
+
+
+def remember(sn, weight: torch.Tensor, sigma: torch.Tensor) -> None:
+    """Keep ``sigma`` as ``sn``'s last sigma, with what it was computed from (a
+    :class:`_SigmaRecord`). On every training forward: kept lean."""
+    attrs = sn.__dict__  # plain attributes, written around nn.Module.__setattr__ (slow)
+    u, v = sn._buffers["_u"], sn._buffers["_v"]
+    if _dtypes._is_compiling() or weight.is_inference() or u.is_inference() or v.is_inference():
+        attrs["_record"] = None  # no version counters to check it by
+        return
+    index = attrs.get("_sample_index")
+    if index is None or index.device != weight.device or attrs["_sample_numel"] != weight.numel():
+        index = attrs["_sample_index"] = _sample_index(weight)
+        attrs["_sample_numel"] = weight.numel()
+    attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index)
+
+
+def kept_sigma(sn, weight: torch.Tensor):
+    """The sigma ``sn`` keeps for ``weight`` (its record's, or its eval cache's) while it is
+    still valid, else None."""
+    u, v = sn._u, sn._v
+    for kept in (sn._record, sn._cache):
+        if kept is not None and kept.valid(weight, u, v):
+            return kept.sigma
+    return None
+
+
+def cached_output(sn, weight: torch.Tensor):
+    """The eval cache's normalized weight when it may be returned as it is (eval, no graph to
+    record, nothing changed), else None."""
+    cache = sn._cache
+    if (
+        cache is not None
+        and cache.out is not None
+        and sn.cache_eval
+        and not sn.training
+        and not _dtypes._is_compiling()
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and cache.valid(weight, sn._buffers["_u"], sn._buffers["_v"])
+    ):
+        return cache.out
+    return None
+
+
+def eval_forward(sn, weight: torch.Tensor):
+    """(normalized weight, sigma) of an eval forward of ``sn``, through the eval cache when
+    allowed."""
+    u, v = sn._u, sn._v
+    cacheable = (
+        sn.cache_eval
+        and not _dtypes._is_compiling()
+        and not (weight.is_inference() or u.is_inference() or v.is_inference())
+    )
+    if not cacheable:
+        sigma = sn._sigma_of(weight)
+        return sn._divide_by(weight, sigma), sigma
+    cache = sn._cache
+    if cache is None or not cache.valid(weight, u, v):
+        # Built as normal tensors even in inference mode: their version counters can be
+        # read, and sigma and the result stay usable where autograd records later.
+        with torch.inference_mode(False), torch.no_grad():
+            cache = sn._cache = _EvalCache(weight, u, v, sn._sigma_of(weight))
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # autograd needs a graph from W: reuse sigma only
+        return sn._divide_by(weight, cache.sigma), cache.sigma
+    with torch.inference_mode(False), torch.no_grad():
+        out = weight / _divisor(cache.sigma, sn.spec)
+    cache.set_output(out)
+    return out, cache.sigma
