@@ -143,9 +143,9 @@ def check_spec_fields(spec) -> None:
         )
 
 
-def check_arguments(*, name, seed, track_sigma) -> None:
-    """The arguments of ``spectral_norm`` / ``spectral_norm_conv`` that are not Spec fields,
-    checked before anything is changed (the Spec's own fields are checked when it is made)."""
-    check_name(name)
+def check_arguments(*, seed, track_sigma) -> None:
+    """The options of ``spectral_norm`` / ``spectral_norm_conv`` that are not Spec fields,
+    checked before anything is changed: the Spec's own fields are checked when it is made
+    (:func:`check_spec_fields`), ``name`` with the module it names (:func:`check_name`)."""
     check_seed(seed)
     check_track_sigma(track_sigma)

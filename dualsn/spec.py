@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_DIM_1_LAYERS",
     "make_spec",
     "default_dim",
+    "resolve_dim",
     "in_order",
     "init_dtype",
     "canonical_dim",
@@ -310,6 +311,12 @@ def canonical_dim(dim: int, ndim: int) -> int:
             f"for a weight with {ndim} dimension(s), but got dim={dim})"
         )
     return int(dim) % max(ndim, 1)
+
+
+def resolve_dim(dim, is_dim_1_layer: bool, ndim: int) -> int:
+    """The ``dim`` a spectral norm uses: the user's, or :func:`dualsn.layout.default_dim`
+    for None; as a non-negative axis (:func:`canonical_dim`)."""
+    return canonical_dim(default_dim(is_dim_1_layer, ndim) if dim is None else dim, ndim)
 
 
 def check_weight_shape(shape: tuple[int, ...], name: str = "weight") -> None:

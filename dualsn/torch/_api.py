@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations as _parametrizations
 
+from dualsn import options as _options
 from dualsn import spec as _spec
 from dualsn.patching import Patch, check_patch_arguments
 from dualsn.torch import _plain
@@ -33,11 +34,6 @@ from dualsn.torch._registry import (
 from dualsn.torch._sn import SpectralNorm, SpectralNormConv
 
 
-def _check_track_sigma(track_sigma) -> None:
-    if not isinstance(track_sigma, bool):
-        raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Registration
 
@@ -46,7 +42,7 @@ def spectral_norm(
     module: nn.Module,
     name: str = "weight",
     n_power_iterations: int = 1,
-    eps: float = 1e-12,
+    eps: float = _spec.DEFAULT_EPS,
     dim: int | None = None,
     *,
     compat: str = "torch",
@@ -108,12 +104,9 @@ def spectral_norm(
         compat, n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
-    _spec.check_seed(seed)
-    _check_track_sigma(track_sigma)
+    _options.check_arguments(seed=seed, track_sigma=track_sigma)
     weight = _target_weight(module, name, stackable=compat == "torch")
-    dim = _spec.canonical_dim(
-        _spec.default_dim(_is_dim_1_layer(module), weight.ndim) if dim is None else dim, weight.ndim
-    )
+    dim = _spec.resolve_dim(dim, _is_dim_1_layer(module), weight.ndim)
     if not sn_spec.is_exact_vector(weight.ndim):
         _spec.check_num_svs(sn_spec.num_svs, *_spec.matrix_shape(tuple(weight.shape), dim))
 
@@ -127,7 +120,7 @@ def spectral_norm_conv(
     input_shape,
     name: str = "weight",
     n_power_iterations: int = 1,
-    eps: float = 1e-12,
+    eps: float = _spec.DEFAULT_EPS,
     *,
     coeff: float | None = None,
     seed: int | None = None,
@@ -171,8 +164,7 @@ def spectral_norm_conv(
         n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
-    _spec.check_seed(seed)
-    _check_track_sigma(track_sigma)
+    _options.check_arguments(seed=seed, track_sigma=track_sigma)
     weight, geometry = _conv_target(module, name, input_shape)
     _spec.check_num_svs(sn_spec.num_svs, math.prod(geometry.output_shape), math.prod(geometry.input_shape))
 
@@ -346,7 +338,7 @@ def spectral_norm_forward(
 def _builtin_replacement(compat: str, defaults: dict):
     """A function with the torch built-ins' signature that registers dualsn's spectral norm."""
 
-    def spectral_norm_(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+    def spectral_norm_(module, name="weight", n_power_iterations=1, eps=_spec.DEFAULT_EPS, dim=None):
         return spectral_norm(module, name, n_power_iterations, eps, dim, compat=compat, **defaults)
 
     spectral_norm_.__name__ = spectral_norm_.__qualname__ = "spectral_norm"
@@ -362,7 +354,7 @@ def patch(compat: str | None = None, **defaults) -> Patch:
     ``torch.nn.utils.spectral_norm.spectral_norm``; preset ``compat``, default
     ``"torch_legacy"``). So without ``compat`` each call keeps its built-in's algorithm. The
     replacements take the built-ins' arguments ``(module, name="weight",
-    n_power_iterations=1, eps=1e-12, dim=None)`` and forward them, with ``compat`` and
+    n_power_iterations=1, eps=DEFAULT_EPS, dim=None)`` and forward them, with ``compat`` and
     ``defaults`` (keyword-only options of :func:`spectral_norm`: ``seed``, ``coeff``,
     ``atol``, ``rtol``, ``max_iterations``, ``num_svs``, ``track_sigma``). Seeding through
     :func:`dualsn.manual_seed` works as usual.

@@ -88,22 +88,20 @@ def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, No
     normalization, from which sigma is read (see :func:`power_iteration_`).
     """
     rec_u, rec_v = recovery
-    if order == "uv":
-        _normalize_into(op.mv(v), u, eps, rec_u)
-        last = _normalize_into(op.mhv(u), v, eps, rec_v)
-    else:
-        _normalize_into(op.mhv(u), v, eps, rec_v)
-        last = _normalize_into(op.mv(v), u, eps, rec_u)
+    last = _spec.in_order(
+        order,
+        lambda: _normalize_into(op.mv(v), u, eps, rec_u),
+        lambda: _normalize_into(op.mhv(u), v, eps, rec_v),
+    )
     if extra_u is not None:
         for i in range(extra_u.shape[0]):
             # the new vectors of the pairs before this one (rows before i are updated already)
             us, vs = [u, *extra_u[:i]], [v, *extra_v[:i]]
-            if order == "uv":
-                _normalize_into(_orthogonalize(op.mv(extra_v[i]), us), extra_u[i], eps)
-                _normalize_into(_orthogonalize(op.mhv(extra_u[i]), vs), extra_v[i], eps)
-            else:
-                _normalize_into(_orthogonalize(op.mhv(extra_u[i]), vs), extra_v[i], eps)
-                _normalize_into(_orthogonalize(op.mv(extra_v[i]), us), extra_u[i], eps)
+            _spec.in_order(
+                order,
+                lambda: _normalize_into(_orthogonalize(op.mv(extra_v[i]), us), extra_u[i], eps),
+                lambda: _normalize_into(_orthogonalize(op.mhv(extra_u[i]), vs), extra_v[i], eps),
+            )
     return last
 
 
@@ -121,26 +119,18 @@ def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     """The power iterations of one training forward (``dualsn.spec.training_iterations``),
     in place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
-    Without ``atol``/``rtol``: ``spec.n_power_iterations`` steps. With them: steps until the
-    sigma estimate (pair 0's last norm) settles against the previous one
-    (:meth:`dualsn.spec.Spec.settled`), after at least max(2, n_power_iterations) steps and
-    at most ``spec.max_iterations``. Each comparison reads the estimate on the host.
+    How many steps: :meth:`dualsn.spec.Spec.run_training_iterations`; with ``atol``/``rtol``
+    each comparison reads the estimate (pair 0's last norm) on the host.
     """
-    if not spec.uses_tolerance:
-        last = None
-        for _ in range(spec.n_power_iterations):
-            last = _step(op, *vectors, spec.order, spec.eps, recovery)
-        return sigma_from_last(last), spec.n_power_iterations
-    previous = None
-    count = 0
-    while count < spec.max_iterations:
-        last = _step(op, *vectors, spec.order, spec.eps, recovery)
-        count += 1
-        estimate = None if last is None else last[0].item()  # None: restarted
-        if count >= spec.n_power_iterations and None not in (previous, estimate) and spec.settled(previous, estimate):
-            break
-        previous = estimate
-    return sigma_from_last(last), count
+    state = {"last": None}
+
+    def step():
+        state["last"] = last = _step(op, *vectors, spec.order, spec.eps, recovery)
+        # the estimate is read on the host only where the tolerance stop compares it
+        return None if last is None or not spec.uses_tolerance else last[0].item()
+
+    count = spec.run_training_iterations(step)
+    return sigma_from_last(state["last"]), count
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dualsn import geometry as _geometry
+
 # ---------------------------------------------------------------------------------------------
 # The W-matrix, without copying the weight
 #
@@ -108,51 +110,27 @@ _CONV_FUNCTIONS = {
 
 
 class ConvGeometry:
-    """Everything about a convolution layer the operator x -> conv(x, W) needs, computed once.
-
-    ``input_shape`` / ``output_shape``: one sample's activation shapes (channels first, no
-    batch axis). The convolution pads by ``pads`` = (before, after) per spatial axis, flat
-    (torch's convolution is given the layer's own ``padding``, which says the same). The
-    adjoint is the transposed convolution with padding 0, whose output is the *padded*
-    input, cropped back to ``input_shape`` (the adjoint of zero padding is a crop) from the
-    ``before`` offsets; ``output_padding`` makes the transposed convolution return exactly
-    the padded size (it is < stride; the last input entries a strided convolution never reads
-    come back as zeros).
+    """Everything about a convolution layer the operator x -> conv(x, W) needs, computed once
+    by :func:`dualsn.geometry.conv_geometry` (see there for ``input_shape``, ``output_shape``,
+    ``output_padding``); ``pads`` is its (before, after) pairs, flat. The forward convolution
+    is given the layer's own ``padding``, which says the same ("same" may pad unevenly, which
+    torch's convolution accepts only as the string); the adjoint crops from the ``before``
+    offsets.
     """
 
     __slots__ = ("spatial", "stride", "padding", "dilation", "groups", "input_shape", "output_shape",
                  "output_padding", "pads")
 
     def __init__(self, conv: nn.Module, input_shape: tuple[int, ...]) -> None:
-        spatial = len(conv.kernel_size)
-        self.spatial = spatial
-        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
+        self.spatial = len(conv.kernel_size)
         self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-        self.input_shape = tuple(input_shape)
-        out_sizes, output_padding, pads = [], [], []
-        for i in range(spatial):
-            k, s, d, n = conv.kernel_size[i], self.stride[i], self.dilation[i], self.input_shape[1 + i]
-            reach = d * (k - 1)  # the kernel's extent minus one
-            if self.padding == "valid":
-                left = right = 0
-            elif self.padding == "same":  # torch pads the odd extra entry at the end
-                left, right = reach // 2, reach - reach // 2
-            else:
-                left = right = self.padding[i]
-            padded = n + left + right
-            size = (padded - reach - 1) // s + 1
-            if size < 1:
-                raise ValueError(
-                    f"Expected input_shape to be large enough for the kernel, but spatial axis {i} "
-                    f"of input_shape={list(self.input_shape)} is {n} (padded: {padded}) and the dilated "
-                    f"kernel spans {reach + 1}"
-                )
-            out_sizes.append(size)
-            output_padding.append(padded - ((size - 1) * s + reach + 1))
-            pads += [left, right]
-        self.output_shape = (conv.out_channels, *out_sizes)
-        self.output_padding = tuple(output_padding)
-        self.pads = tuple(pads)
+        g = _geometry.conv_geometry(
+            input_shape, conv.out_channels, conv.kernel_size, conv.stride, conv.dilation, conv.groups,
+            _geometry.padding_pairs(self.padding, self.spatial),
+        )
+        self.stride, self.dilation, self.groups = g.stride, g.dilation, g.groups
+        self.input_shape, self.output_shape, self.output_padding = g.input_shape, g.output_shape, g.output_padding
+        self.pads = tuple(n for pair in g.pads for n in pair)
 
 
 class ConvOperator:

@@ -96,39 +96,38 @@ def _plain_step(op, us: list, vs: list, spec: _spec.Spec, recovery=(None, None))
     new_us, new_vs, estimate = [], [], None
     for u, v in zip(us, vs):
         rec_u, rec_v = recovery if not new_us else (None, None)
-        if spec.order == "uv":
-            u, first = _plain_normalize(_orthogonalize(op.mv(v), new_us), spec.eps, rec_u)
-            v, last = _plain_normalize(_orthogonalize(op.mhv(u), new_vs), spec.eps, rec_v)
-        else:
-            v, first = _plain_normalize(_orthogonalize(op.mhv(u), new_vs), spec.eps, rec_v)
-            u, last = _plain_normalize(_orthogonalize(op.mv(v), new_us), spec.eps, rec_u)
+        pair, norms = {"u": u, "v": v}, []
+
+        def update_u():
+            pair["u"], norm = _plain_normalize(_orthogonalize(op.mv(pair["v"]), new_us), spec.eps, rec_u)
+            norms.append(norm)
+
+        def update_v():
+            pair["v"], norm = _plain_normalize(_orthogonalize(op.mhv(pair["u"]), new_vs), spec.eps, rec_v)
+            norms.append(norm)
+
+        _spec.in_order(spec.order, update_u, update_v)
         if estimate is None:
-            estimate = last
-            if _dtypes._reads_host(last):
+            first, estimate = norms
+            if _dtypes._reads_host(estimate):
                 _spec.check_finite_sigma(first.item())
-                _spec.check_finite_sigma(last.item())
-        new_us.append(u)
-        new_vs.append(v)
+                _spec.check_finite_sigma(estimate.item())
+        new_us.append(pair["u"])
+        new_vs.append(pair["v"])
     return new_us, new_vs, estimate
 
 
 def _plain_steps(op, us: list, vs: list, spec: _spec.Spec, recovery=(None, None)):
-    """The steps of one training forward by :func:`_plain_step`, counted as
-    ``dualsn.spec.training_iterations`` counts them (written out again, not shared with the
-    fast path): (new u's, new v's, count)."""
-    if not spec.uses_tolerance:
-        for _ in range(spec.n_power_iterations):
-            us, vs, _ = _plain_step(op, us, vs, spec, recovery)
-        return us, vs, spec.n_power_iterations
-    previous, count = None, 0
-    while count < spec.max_iterations:
-        us, vs, estimate = _plain_step(op, us, vs, spec, recovery)
-        count += 1
-        estimate = estimate.item()
-        if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, estimate):
-            break
-        previous = estimate
-    return us, vs, count
+    """The steps of one training forward by :func:`_plain_step`, as many as
+    :meth:`dualsn.spec.Spec.run_training_iterations` says: (new u's, new v's, count)."""
+    state = {"us": us, "vs": vs}
+
+    def step():
+        state["us"], state["vs"], estimate = _plain_step(op, state["us"], state["vs"], spec, recovery)
+        return estimate.item() if spec.uses_tolerance else None
+
+    count = spec.run_training_iterations(step)
+    return state["us"], state["vs"], count
 
 
 @torch.no_grad()

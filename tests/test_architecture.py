@@ -1,0 +1,188 @@
+"""The layout issue 11 set up, kept true: the two backend packages mirror each other, the core
+imports no framework, the tools reach backends only through their public adapters, nothing
+imports in a cycle, and no file or function grows past the agreed size."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "dualsn")
+BACKENDS = ("torch", "paddle")
+CORE = ("spec", "reference", "options", "keys", "layout", "geometry", "patching")
+TOOLS = ("port", "report", "cli", "demo", "adapters")
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def _python_files(top: str):
+    for folder, _, files in os.walk(top):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield os.path.join(folder, name)
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _imports(path: str) -> set[str]:
+    """Every dualsn module ``path`` imports, at module level or inside a function."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    package = _module_name(path) if path.endswith("__init__.py") else _module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "dualsn"}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in _python_files(PACKAGE)}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_backend_packages_have_the_same_files():
+    files = {b: sorted(os.listdir(os.path.join(PACKAGE, b))) for b in BACKENDS}
+    files = {b: [f for f in names if f.endswith(".py")] for b, names in files.items()}
+    assert files["torch"] == files["paddle"]
+    assert "adapter.py" in files["torch"]
+
+
+def test_backend_packages_export_the_same_names():
+    pytest.importorskip("torch")
+    pytest.importorskip("paddle")
+    import dualsn.paddle
+    import dualsn.torch
+
+    assert sorted(dualsn.torch.__all__) == sorted(dualsn.paddle.__all__)
+    assert sorted(dualsn.torch.adapter.__all__) == sorted(dualsn.paddle.adapter.__all__)
+    for backend in (dualsn.torch, dualsn.paddle):
+        for name in backend.__all__ + [f"adapter.{n}" for n in backend.adapter.__all__]:
+            obj = backend
+            for part in name.split("."):
+                obj = getattr(obj, part)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_conformance_has_no_import_cycle():
+    """golden and runner used to import each other."""
+    golden = _imports_of_folder("conformance", "golden")
+    runner = _imports_of_folder("conformance", "runner")
+    assert not ("conformance.runner" in golden and "conformance.golden" in runner)
+
+
+def _imports_of_folder(folder: str, module: str) -> set[str]:
+    text = open(os.path.join(ROOT, folder, module + ".py"), encoding="utf-8").read()
+    names = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names.add(f"{folder}.{base}" if node.level else base)
+            names.update(f"{folder}.{a.name}" for a in node.names if node.level and not base)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_core_and_backends_import_no_tool():
+    graph = _graph()
+    for name, targets in graph.items():
+        layer = name.split(".")[1] if "." in name else ""
+        if layer in CORE or layer in BACKENDS:
+            tools = sorted(t for t in targets if t.split(".")[1] in TOOLS)
+            assert tools == [], f"{name} imports the tools {tools}"
+
+
+def test_tools_use_no_private_backend_name():
+    pattern = re.compile(r"dualsn\.(torch|paddle)\._|\b(dsn|dt|dp)\._[a-z]")
+    for path in _python_files(PACKAGE):
+        name = _module_name(path)
+        if name.split(".")[1] in TOOLS:
+            text = open(path, encoding="utf-8").read()
+            assert not pattern.search(text), f"{name} uses a private backend name"
+            for imported in _imports(path):
+                parts = imported.split(".")
+                if len(parts) > 2 and parts[1] in BACKENDS:
+                    assert parts[2] == "adapter", f"{name} imports {imported}"
+
+
+def test_core_imports_no_framework():
+    code = textwrap.dedent(f"""
+        import sys
+        for name in {CORE!r} + ("adapters",):
+            __import__("dualsn." + name)
+        print(",".join(sorted(m for m in ("torch", "paddle") if m in sys.modules)) or "none")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "none"
+
+
+def test_files_and_functions_stay_small():
+    too_long = []
+    for path in _python_files(PACKAGE):
+        lines = open(path, encoding="utf-8").read().splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            too_long.append(f"{_module_name(path)}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{_module_name(path)}.{node.name}: {length} lines")
+    assert too_long == []
+
+
+def test_each_fact_has_one_home():
+    """The default eps, the parametrization key layout and the hook's W name are each written
+    in one core module only."""
+    homes = {r"1e-12": {"dualsn/spec.py"}, r"parametrizations\.\{|\"parametrizations\.": {"dualsn/keys.py"},
+             r"\"_orig\"": {"dualsn/keys.py"}}
+    for pattern, allowed in homes.items():
+        found = set()
+        for path in _python_files(PACKAGE):
+            for line in open(path, encoding="utf-8"):
+                code = line.split("#")[0]
+                if re.search(pattern, code):
+                    found.add(os.path.relpath(path, ROOT))
+        assert found <= allowed, (pattern, found - allowed)
