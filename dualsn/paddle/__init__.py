@@ -8,7 +8,7 @@ Unlike the built-in, ``<name>`` holds the normalized weight from registration on
 algorithm (update order, warm-up, 1-D handling) comes from the chosen ``compat`` preset, and
 a ``seed`` gives u, v that are bit-identical to ``dualsn.torch``'s.
 
-It is also several times faster on CPU (see the comment below the imports): W is never
+It is also several times faster on CPU (see the comment at the top of _matrix.py): W is never
 copied or transposed, sigma is read off the power iteration, the gradient's rank-1 term is
 added in place by a tensor hook (into the gradient tensor that this normalization's own
 backward has just made), and an eval forward reuses the normalized weight while W, u and v
