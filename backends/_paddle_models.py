@@ -272,7 +272,7 @@ def _path_probe(log: dict, name: str, by_switch: bool = False):
         if node is None:  # no graph recorded (no_grad): nothing to tell apart
             return
         if by_switch:
-            path = "plain" if dsn._PLAIN else "fast"
+            path = "plain" if dsn._plain.enabled() else "fast"
         else:
             path = PATH_OF_GRAD_NODE.get(node.name(), f"unknown ({node.name()})")
         log.setdefault(name, set()).add(path)

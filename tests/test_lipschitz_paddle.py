@@ -252,13 +252,13 @@ def test_sigma_after_a_forward_needs_no_pass_over_w(monkeypatch):
     layer()
     ref.forward(w, True)
     with monkeypatch.context() as m:
-        m.setattr(dsn, "_sigma_value", lambda *a: pytest.fail("sigma recomputed"))
+        m.setattr(dsn._iteration, "_sigma_value", lambda *a: pytest.fail("sigma recomputed"))
         assert dsn.sigma(layer) == pytest.approx(ref.sigma(w), rel=1e-13)
     layer.eval()
     with paddle.no_grad():
         layer()  # an eval forward computes sigma on its cache miss, and keeps it
         with monkeypatch.context() as m:
-            m.setattr(dsn, "_sigma_value", lambda *a: pytest.fail("sigma recomputed"))
+            m.setattr(dsn._iteration, "_sigma_value", lambda *a: pytest.fail("sigma recomputed"))
             assert dsn.sigma(layer) == pytest.approx(ref.sigma(w), rel=1e-13)
             layer()  # a cache hit
     w2 = w * 2

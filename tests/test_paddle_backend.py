@@ -860,7 +860,7 @@ def big_linear(seed=0, n_in=300, n_out=400):
     paddle.seed(seed)
     with default_dtype(F64):
         layer = paddle.nn.Linear(n_in, n_out)
-    assert n_in * n_out > dsn._FULL_CHECK_SIZE
+    assert n_in * n_out > dsn._cache._FULL_CHECK_SIZE
     dsn.spectral_norm(layer, seed=seed)
     return layer
 
@@ -916,7 +916,7 @@ def read_path(request, monkeypatch):
     """The cache reads its samples through a numpy view of the tensors' memory (CPU), or,
     where there is none (other devices, dtypes numpy lacks), through paddle.gather."""
     if request.param == "paddle gather":
-        monkeypatch.setattr(dsn, "_host_view", lambda t: None)
+        monkeypatch.setattr(dsn._cache, "_host_view", lambda t: None)
     return request.param
 
 
