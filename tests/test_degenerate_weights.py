@@ -57,7 +57,7 @@ def _clean_state():
     dualsn.manual_seed(None)
     yield
     dualsn.manual_seed(None)
-    assert dt._plain is False and dp._PLAIN is False, "a test left plain_path switched on"
+    assert dt._plain.ENABLED is False and dp._plain.ENABLED is False, "a test left plain_path switched on"
 
 
 # ---------------------------------------------------------------------------------------------
