@@ -8,13 +8,13 @@ import importlib
 import numpy as np
 import paddle
 
+from dualsn import options as _options
 from dualsn import spec as _spec
 from dualsn.paddle._dtypes import _is_complex
 from dualsn.paddle._matrix import ConvGeometry, _prod
 from dualsn.paddle._registry import (
     _check_free,
     _check_is_layer,
-    _check_track_sigma,
     _conv_classes,
     _dim_1_classes,
     _register,
@@ -30,7 +30,7 @@ def spectral_norm(
     layer,
     name: str = "weight",
     n_power_iterations: int = 1,
-    eps: float = 1e-12,
+    eps: float = _spec.DEFAULT_EPS,
     dim: int | None = None,
     *,
     compat: str = "torch",
@@ -83,15 +83,11 @@ def spectral_norm(
         compat, n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
-    _spec.check_seed(seed)
-    _check_track_sigma(track_sigma)
+    _options.check_arguments(seed=seed, track_sigma=track_sigma)
     _check_is_layer(layer, "spectral_norm")
     weight = _target_weight(layer, name)
     shape = tuple(weight.shape)
-    if dim is None:
-        # The layer's default describes its weight; a 1-D parameter (a bias) has only axis 0.
-        dim = _spec.default_dim(isinstance(layer, _dim_1_classes()), len(shape))
-    dim = _spec.canonical_dim(dim, len(shape))
+    dim = _spec.resolve_dim(dim, isinstance(layer, _dim_1_classes()), len(shape))
     exact = spec.is_exact_vector(len(shape))
     if not exact:
         _spec.check_num_svs(spec.num_svs, *_spec.matrix_shape(shape, dim))
@@ -148,7 +144,7 @@ def spectral_norm_conv(
     input_shape,
     name: str = "weight",
     n_power_iterations: int = 1,
-    eps: float = 1e-12,
+    eps: float = _spec.DEFAULT_EPS,
     *,
     coeff: float | None = None,
     seed: int | None = None,
@@ -194,8 +190,7 @@ def spectral_norm_conv(
         n_power_iterations, eps,
         coeff=coeff, atol=atol, rtol=rtol, max_iterations=max_iterations, num_svs=num_svs,
     )
-    _spec.check_seed(seed)
-    _check_track_sigma(track_sigma)
+    _options.check_arguments(seed=seed, track_sigma=track_sigma)
     _check_is_layer(layer, "spectral_norm_conv")
     weight = _conv_weight(layer, name)
     _check_input_shape(layer, input_shape)
@@ -287,7 +282,7 @@ _BUILTIN_HOMES = ("paddle.nn.utils", "paddle.nn.utils.spectral_norm_hook", "padd
 def _builtin_replacement(compat: str, defaults: dict):
     """A function with ``paddle.nn.utils.spectral_norm``'s signature that registers dualsn's."""
 
-    def spectral_norm_(layer, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+    def spectral_norm_(layer, name="weight", n_power_iterations=1, eps=_spec.DEFAULT_EPS, dim=None):
         return spectral_norm(layer, name, n_power_iterations, eps, dim, compat=compat, **defaults)
 
     spectral_norm_.__name__ = spectral_norm_.__qualname__ = "spectral_norm"
@@ -318,7 +313,7 @@ def patch(compat: str = "torch", **defaults) -> Patch:
 
     Replaced: ``spectral_norm`` in ``paddle.nn.utils``, ``paddle.nn.utils.spectral_norm_hook``
     and ``paddle.nn`` (where they exist). The replacement takes the built-in's arguments
-    ``(layer, name="weight", n_power_iterations=1, eps=1e-12, dim=None)`` and forwards them,
+    ``(layer, name="weight", n_power_iterations=1, eps=DEFAULT_EPS, dim=None)`` and forwards them,
     with ``compat`` and ``defaults`` (keyword-only options of :func:`spectral_norm`: ``seed``,
     ``coeff``, ``atol``, ``rtol``, ``max_iterations``, ``num_svs``, ``track_sigma``). Seeding
     through :func:`dualsn.manual_seed` works as usual. With ``dim=None`` dualsn's default

@@ -99,22 +99,20 @@ def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, No
     sigma estimate (see :func:`sigma_from_last`).
     """
     rec_u, rec_v = recovery
-    if order == "uv":
-        _normalize_into(op.mv(v), u, eps, rec_u)
-        norm = _normalize_into(op.mhv(u), v, eps, rec_v)
-    else:
-        _normalize_into(op.mhv(u), v, eps, rec_v)
-        norm = _normalize_into(op.mv(v), u, eps, rec_u)
+    norm = _spec.in_order(
+        order,
+        lambda: _normalize_into(op.mv(v), u, eps, rec_u),
+        lambda: _normalize_into(op.mhv(u), v, eps, rec_v),
+    )
     if extra_u is not None:
         us, vs = [u], [v]  # the pairs already updated in this step
         for i in range(int(extra_u.shape[0])):
             ui, vi = extra_u[i], extra_v[i]  # views: the writes land in the buffers
-            if order == "uv":
-                _normalize_into(_orthogonalize(op.mv(vi), us), ui, eps)
-                _normalize_into(_orthogonalize(op.mhv(ui), vs), vi, eps)
-            else:
-                _normalize_into(_orthogonalize(op.mhv(ui), vs), vi, eps)
-                _normalize_into(_orthogonalize(op.mv(vi), us), ui, eps)
+            _spec.in_order(
+                order,
+                lambda: _normalize_into(_orthogonalize(op.mv(vi), us), ui, eps),
+                lambda: _normalize_into(_orthogonalize(op.mhv(ui), vs), vi, eps),
+            )
             us.append(ui)
             vs.append(vi)
     return norm
@@ -163,23 +161,18 @@ def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     """The power iterations of one training forward (``dualsn.spec.training_iterations``), in
     place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
-    Without ``atol``/``rtol``: ``spec.n_power_iterations`` steps. With them: steps until the
-    sigma estimate (pair 0's last norm) settles against the previous one
-    (:meth:`dualsn.spec.Spec.settled`), after at least max(2, n_power_iterations) steps and at
-    most ``spec.max_iterations``.
+    How many steps: :meth:`dualsn.spec.Spec.run_training_iterations`, comparing pair 0's last
+    norm (read on the host by every step anyway).
     """
-    if not spec.uses_tolerance:
-        return _iterate_(op, *vectors[:2], spec.n_power_iterations, spec.order, spec.eps,
-                         *vectors[2:], recovery), spec.n_power_iterations
-    previous, count = None, 0
+    state = {"norm": None}
+
+    def step():
+        state["norm"] = _step(op, *vectors, spec.order, spec.eps, recovery)
+        return state["norm"]
+
     with paddle.no_grad():
-        while count < spec.max_iterations:
-            norm = _step(op, *vectors, spec.order, spec.eps, recovery)
-            count += 1
-            if count >= spec.n_power_iterations and None not in (previous, norm) and spec.settled(previous, norm):
-                break
-            previous = norm
-    return sigma_from_last(norm, spec.eps), count
+        count = spec.run_training_iterations(step)
+    return sigma_from_last(state["norm"], spec.eps), count
 
 
 def _sigma(mat: WeightMatrix, u, v, twice_differentiable: bool = False):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from dualsn import geometry as _geometry
 from dualsn.paddle._dtypes import _is_complex
 
 
@@ -97,76 +97,32 @@ _CONV_FUNCTIONS = {
 }
 
 
-def _padding_pairs(padding, spatial: int, channel_last: bool):
-    """A convolution layer's ``padding`` as (before, after) per spatial axis, or the string
-    "SAME" / "VALID": the forms Paddle's convolutions accept (an int, one int per axis, two
-    per axis, or one pair per axis of the data layout, batch and channel included)."""
-    if isinstance(padding, str):
-        return padding.upper()
-    if isinstance(padding, (int, np.integer)):
-        return [(int(padding), int(padding))] * spatial
-    padding = list(padding)
-    if len(padding) == spatial + 2 and all(isinstance(p, (list, tuple)) for p in padding):
-        pairs = padding[1:-1] if channel_last else padding[2:]
-        return [(int(a), int(b)) for a, b in pairs]
-    if len(padding) == 2 * spatial:
-        return [(int(padding[2 * i]), int(padding[2 * i + 1])) for i in range(spatial)]
-    if len(padding) == spatial:
-        return [(int(p), int(p)) for p in padding]
-    raise NotImplementedError(f"spectral_norm_conv does not understand the layer's padding={padding!r}")
-
-
 class ConvGeometry:
-    """What the operator x -> conv(x, W) of one sample needs from a convolution layer.
-
-    ``input_shape`` / ``output_shape``: one sample's activation shapes, channels first (no
-    batch axis), whatever the layer's ``data_format`` (its kernel layout is the same). The
-    convolution pads explicitly by ``pads`` (before, after) per spatial axis; Paddle's "SAME"
-    padding is resolved here as Paddle does it (and, as Paddle does, with dilation 1). The
-    adjoint is the transposed convolution with padding 0, whose output is the *padded*
-    input, cropped back to ``input_shape`` (the adjoint of zero padding is a crop);
-    ``output_padding`` (< stride) makes it return exactly the padded size.
+    """What the operator x -> conv(x, W) of one sample needs from a convolution layer,
+    computed once by :func:`dualsn.geometry.conv_geometry` (see there for ``input_shape``,
+    ``output_shape``, ``output_padding``), whatever the layer's ``data_format`` (its kernel
+    layout is the same). The convolution pads explicitly by ``pads``, (before, after) per
+    spatial axis, flat: Paddle's convolution takes uneven pads, so "SAME" needs no string.
     """
 
     __slots__ = ("spatial", "stride", "dilation", "groups", "pads", "input_shape", "output_shape",
                  "output_padding")
 
     def __init__(self, layer, input_shape: tuple[int, ...]) -> None:
-        kernel = [int(k) for k in layer._kernel_size]
-        spatial = len(kernel)
-        self.spatial, self.groups = spatial, int(layer._groups)
-        self.stride = [int(x) for x in layer._stride]
-        self.dilation = [int(x) for x in layer._dilation]
-        self.input_shape = tuple(int(n) for n in input_shape)
+        spatial = len(layer._kernel_size)
         channel_last = layer._data_format in ("NLC", "NHWC", "NDHWC")
-        padding = _padding_pairs(layer._padding, spatial, channel_last)
+        padding = _geometry.padding_pairs(layer._padding, spatial, channel_last)
+        dilation = layer._dilation
         if padding == "SAME":
-            self.dilation = [1] * spatial  # Paddle's SAME padding ignores the dilation
-        pads, out_sizes, output_padding = [], [], []
-        for i in range(spatial):
-            n, s = self.input_shape[1 + i], self.stride[i]
-            reach = self.dilation[i] * (kernel[i] - 1)  # the kernel's extent minus one
-            if padding == "SAME":
-                total = max((-(-n // s) - 1) * s + reach + 1 - n, 0)
-                before, after = total // 2, total - total // 2
-            elif padding == "VALID":
-                before = after = 0
-            else:
-                before, after = padding[i]
-            padded = n + before + after
-            size = (padded - reach - 1) // s + 1
-            if size < 1:
-                raise ValueError(
-                    f"Expected input_shape to be large enough for the kernel, but spatial axis {i} of "
-                    f"input_shape={list(self.input_shape)} is {n} (padded: {padded}) and the dilated "
-                    f"kernel spans {reach + 1}"
-                )
-            pads += [before, after]
-            out_sizes.append(size)
-            output_padding.append(padded - ((size - 1) * s + reach + 1))
-        self.pads = pads
-        self.output_shape = (int(layer._out_channels), *out_sizes)
-        self.output_padding = output_padding
+            dilation = [1] * spatial  # Paddle's SAME padding ignores the dilation (torch's does not)
+        g = _geometry.conv_geometry(
+            input_shape, layer._out_channels, layer._kernel_size, layer._stride, dilation, layer._groups, padding
+        )
+        self.spatial, self.groups = spatial, g.groups
+        self.stride, self.dilation = list(g.stride), list(g.dilation)
+        self.input_shape, self.output_shape = g.input_shape, g.output_shape
+        self.pads = [n for pair in g.pads for n in pair]
+        self.output_padding = list(g.output_padding)
 
 
 class ConvOperator:

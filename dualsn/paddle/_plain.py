@@ -90,15 +90,20 @@ def _plain_step(op, vectors, order: str, eps: float, recovery=(None, None)):
     new_us, new_vs, first_norm = [], [], None
     for ui, vi in pairs:
         rec_u, rec_v = recovery if not new_us else (None, None)
-        if order == "uv":
-            ui, _ = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps, rec_u)
-            vi, norm = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps, rec_v)
-        else:
-            vi, _ = _plain_normalize(_orthogonalize(op.mhv(ui), new_vs), eps, rec_v)
-            ui, norm = _plain_normalize(_orthogonalize(op.mv(vi), new_us), eps, rec_u)
+        pair = {"u": ui, "v": vi}
+
+        def update_u():
+            pair["u"], norm = _plain_normalize(_orthogonalize(op.mv(pair["v"]), new_us), eps, rec_u)
+            return norm
+
+        def update_v():
+            pair["v"], norm = _plain_normalize(_orthogonalize(op.mhv(pair["u"]), new_vs), eps, rec_v)
+            return norm
+
+        norm = _spec.in_order(order, update_u, update_v)
         first_norm = norm if first_norm is None else first_norm
-        new_us.append(ui)
-        new_vs.append(vi)
+        new_us.append(pair["u"])
+        new_vs.append(pair["v"])
     return new_us, new_vs, first_norm
 
 
@@ -117,20 +122,17 @@ def _plain_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)) -> int:
     In dynamic mode each step's norm is read on the host (the tolerance stop, and the NaN /
     Inf check before anything is written), as on the fast path."""
     dynamic = paddle.in_dynamic_mode()
-    previous, count = None, 0
+
+    def step():
+        new_us, new_vs, norm = _plain_step(op, vectors, spec.order, spec.eps, recovery)
+        if dynamic:
+            norm = float(norm)
+            _spec.check_finite_sigma(norm)
+        _store_pairs(vectors, new_us, new_vs)
+        return norm if dynamic else None  # a static graph's norm has no value to compare yet
+
     with paddle.no_grad():
-        while count < (spec.max_iterations if spec.uses_tolerance else spec.n_power_iterations):
-            new_us, new_vs, norm = _plain_step(op, vectors, spec.order, spec.eps, recovery)
-            if dynamic:
-                norm = float(norm)
-                _spec.check_finite_sigma(norm)
-            _store_pairs(vectors, new_us, new_vs)
-            count += 1
-            if spec.uses_tolerance:
-                if count >= spec.n_power_iterations and previous is not None and spec.settled(previous, norm):
-                    break
-                previous = norm
-        return count
+        return spec.run_training_iterations(step)
 
 
 def _plain_divide(weight, op, u, v, spec: _spec.Spec):

@@ -9,6 +9,7 @@ import importlib
 
 import paddle
 
+from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.paddle._cache import _SigmaRecord
 from dualsn.paddle._dtypes import _compute_dtype, _is_complex, _real_dtype
@@ -60,11 +61,6 @@ def _dim_1_classes() -> tuple[type, ...]:
 
 
 
-def _check_track_sigma(track_sigma) -> None:
-    if not isinstance(track_sigma, bool):
-        raise ValueError(f"Expected track_sigma to be a bool, but got track_sigma={track_sigma!r}")
-
-
 def _check_is_layer(layer, function: str) -> None:
     """TypeError naming the right function when ``layer`` is not a Paddle layer (a torch
     module would otherwise fail deep inside Paddle)."""
@@ -100,13 +96,13 @@ def _target_weight(layer, name):
 
 def _state_names(name: str, exact: bool, spec: _spec.Spec, track_sigma: bool) -> list[str]:
     """The layer attributes registration adds (besides ``name`` itself)."""
-    names = [name + "_orig"]
+    names = [_keys.hook_key(name)]
     if not exact:
-        names += [name + "_u", name + "_v"]
+        names += [_keys.hook_key(name, "u"), _keys.hook_key(name, "v")]
         if spec.num_svs > 1:
-            names += [name + "_u_extra", name + "_v_extra"]
+            names += [_keys.hook_key(name, "u_extra"), _keys.hook_key(name, "v_extra")]
     if track_sigma:
-        names.append(name + "_sigma")
+        names.append(_keys.hook_key(name, "sigma"))
     return names
 
 
@@ -164,17 +160,17 @@ def _install(layer, weight, hook: SpectralNorm, vectors, normalized, sigma) -> N
     u, v, u_extra, v_extra = vectors
     # The same Parameter object moves to <name>_orig, so optimizers built before still see it.
     del layer._parameters[name]
-    layer.add_parameter(name + "_orig", weight)
+    layer.add_parameter(_keys.hook_key(name), weight)
     if u is not None:
-        layer.register_buffer(name + "_u", u)
-        layer.register_buffer(name + "_v", v)
+        layer.register_buffer(_keys.hook_key(name, "u"), u)
+        layer.register_buffer(_keys.hook_key(name, "v"), v)
     if u_extra is not None:
-        layer.register_buffer(name + "_u_extra", u_extra)
-        layer.register_buffer(name + "_v_extra", v_extra)
+        layer.register_buffer(_keys.hook_key(name, "u_extra"), u_extra)
+        layer.register_buffer(_keys.hook_key(name, "v_extra"), v_extra)
     if hook.track_sigma:
         # u's dtype (complex for complex weights, float32 for half ones), real without u
         dtype = u.dtype if u is not None else _real_dtype(_compute_dtype(weight.dtype))
-        layer.register_buffer(name + "_sigma", paddle.zeros([], dtype=dtype))
+        layer.register_buffer(_keys.hook_key(name, "sigma"), paddle.zeros([], dtype=dtype))
         hook._write_sigma(layer, sigma)
     # A plain tensor attribute, which Paddle keeps as a non-persistable buffer: not in state_dict.
     setattr(layer, name, normalized)
@@ -194,8 +190,8 @@ def _unregister(layer, name: str, hook: SpectralNorm, value) -> None:
         if found is hook:
             del layer._forward_pre_hooks[hook_id]
             layer._forward_pre_hooks_with_kwargs_flag.pop(hook_id, None)
-    del layer._parameters[name + "_orig"]
-    for buffer in (name, name + "_u", name + "_v", name + "_u_extra", name + "_v_extra", name + "_sigma"):
+    del layer._parameters[_keys.hook_key(name)]
+    for buffer in (name, _keys.hook_key(name, "u"), _keys.hook_key(name, "v"), _keys.hook_key(name, "u_extra"), _keys.hook_key(name, "v_extra"), _keys.hook_key(name, "sigma")):
         layer._buffers.pop(buffer, None)
         layer._non_persistable_buffer_names_set.discard(buffer)
     layer.add_parameter(name, param)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import paddle
 
+from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.paddle import _iteration, _plain
 from dualsn.paddle._cache import _EvalCache, _SigmaRecord, _write_sigma_buffer
@@ -76,32 +77,32 @@ class SpectralNorm:
     def state(self, layer):
         """(W_orig, u, v) of ``layer``; u, v are None for an exact 1-D weight."""
         if not paddle.in_dynamic_mode():  # static graphs: through the layer's own lookup
-            names = [self.name + "_orig"] + ([] if self.exact else [self.name + "_u", self.name + "_v"])
+            names = [_keys.hook_key(self.name)] + ([] if self.exact else [_keys.hook_key(self.name, "u"), _keys.hook_key(self.name, "v")])
             found = [getattr(layer, n) for n in names]
             return tuple(found) if not self.exact else (found[0], None, None)
         # The layer's dicts first: Layer.__getattr__ costs tens of microseconds per call
         # right after a large forward has evicted the caches.
-        weight = layer._parameters.get(self.name + "_orig")
+        weight = layer._parameters.get(_keys.hook_key(self.name))
         if weight is None:
-            weight = getattr(layer, self.name + "_orig")
+            weight = getattr(layer, _keys.hook_key(self.name))
         if self.exact:
             return weight, None, None
         buffers = layer._buffers
-        u, v = buffers.get(self.name + "_u"), buffers.get(self.name + "_v")
+        u, v = buffers.get(_keys.hook_key(self.name, "u")), buffers.get(_keys.hook_key(self.name, "v"))
         if u is None or v is None:
-            u, v = getattr(layer, self.name + "_u"), getattr(layer, self.name + "_v")
+            u, v = getattr(layer, _keys.hook_key(self.name, "u")), getattr(layer, _keys.hook_key(self.name, "v"))
         if u.dtype in _LOW_PRECISION:
             # The layer was cast after registration (layer.to, amp.decorate at level O2):
             # u, v go back to float32, the dtype the math runs in (see _compute_dtype).
             u, v = u.astype(paddle.float32), v.astype(paddle.float32)
-            layer._buffers[self.name + "_u"], layer._buffers[self.name + "_v"] = u, v
+            layer._buffers[_keys.hook_key(self.name, "u")], layer._buffers[_keys.hook_key(self.name, "v")] = u, v
         return weight, u, v
 
     def extras(self, layer):
         """(extra u rows, extra v rows) of ``num_svs > 1``, or (None, None)."""
         if self.spec.num_svs == 1 or self.exact:
             return None, None
-        names = (self.name + "_u_extra", self.name + "_v_extra")
+        names = (_keys.hook_key(self.name, "u_extra"), _keys.hook_key(self.name, "v_extra"))
         pair = [layer._buffers.get(n) for n in names]
         if pair[0] is None or pair[1] is None:
             pair = [getattr(layer, n) for n in names]
@@ -177,7 +178,7 @@ class SpectralNorm:
             self._write_sigma(layer, sigma)
 
     def _write_sigma(self, layer, sigma) -> None:
-        _write_sigma_buffer(layer._buffers[self.name + "_sigma"], sigma)
+        _write_sigma_buffer(layer._buffers[_keys.hook_key(self.name, "sigma")], sigma)
 
     def invalidate(self) -> None:
         """Forget the cached eval-mode weight and the kept sigma: the next forward computes
