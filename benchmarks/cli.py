@@ -1,8 +1,12 @@
 """``python -m benchmarks``: time plain vs built-in vs dualsn spectral norm in torch and Paddle.
 
-Everything runs in one process. All variants of a case on one device, both frameworks
-included, are interleaved round by round (see ``benchmarks.timing``); framework threads are
-pinned and printed. After the timing, the training cases' peak memory is measured on fresh
+Each framework runs in its own process (``--framework all`` starts one child per framework
+and merges their JSON), because in one process torch and Paddle share the C allocator: whether
+a freed W-sized block is reused or faulted in fresh depends on what the other framework did,
+which distorts exactly the page-fault and allocation costs this benchmark reports.
+``--in-process`` runs both in this process anyway, all variants of a case on one device
+interleaved. Within a process, all variants of a case are interleaved round by round (see
+``benchmarks.timing``); framework threads are pinned and printed. After the timing, the training cases' peak memory is measured on fresh
 models (see the drivers' ``memory``). The tables go to stdout and, with the raw numbers, to
 ``<out>/latest.md`` and ``<out>/latest.json``.
 
@@ -21,7 +25,9 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from benchmarks.cases import CASES, FULL_CASES, GROUPS, QUICK_CASES, SetupError,
 from benchmarks.timing import measure
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # where ``benchmarks`` and ``dualsn`` are importable from
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 FULL = dict(warmup=3, repeats=21, min_sample_s=0.02)
 QUICK = dict(warmup=1, repeats=3, min_sample_s=0.002)
@@ -60,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "otherwise); cpu: CPU rows only; cuda: torch CUDA rows only (an error without CUDA)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run both frameworks in this one process, their variants interleaved (default: one "
+        "process per framework, as in training: the two share C malloc and OpenMP state otherwise)",
+    )
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one framework, JSON only
     p.add_argument("--repeats", type=int, help="timed rounds per case (default 21, --quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up rounds per case (default 3, --quick 1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where latest.md/json go (default {DEFAULT_OUT})")
@@ -161,12 +175,62 @@ def _run_case(case, mode: str, drivers: list, settings: dict, memory: bool) -> l
     return out
 
 
+def _child_argv(args: argparse.Namespace, framework: str, out: Path) -> list[str]:
+    argv = ["--child", "--framework", framework, "--device", args.device, "--threads", str(args.threads),
+            "--case", ",".join(args.case), "--out", str(out)]
+    if args.quick:
+        argv.append("--quick")
+    if args.no_memory:
+        argv.append("--no-memory")
+    if args.repeats is not None:
+        argv += ["--repeats", str(args.repeats)]
+    if args.warmup is not None:
+        argv += ["--warmup", str(args.warmup)]
+    return argv
+
+
+def _run_isolated(args: argparse.Namespace, frameworks: list[str]) -> dict:
+    """One child process per framework; their JSON documents merged into one."""
+    started, t0 = datetime.datetime.now().astimezone(), time.perf_counter()
+    load_start = os.getloadavg()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    docs = []
+    with tempfile.TemporaryDirectory(prefix="dualsn-bench-") as tmp:
+        for fw in frameworks:
+            out = Path(tmp) / fw
+            cmd = [sys.executable, "-m", "benchmarks", *_child_argv(args, fw, out)]
+            print(f"{fw}: own process", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+            if proc.returncode == 2:
+                raise SetupError(f"the {fw} process could not start the run (its message is above)")
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {fw} benchmark process failed with exit status {proc.returncode}")
+            docs.append(json.loads((out / "latest.json").read_text()))
+    meta = dict(docs[0]["meta"])
+    for key in ("framework_info",):
+        meta[key] = {k: v for d in docs for k, v in d["meta"][key].items()}
+    meta["skipped"] = list(dict.fromkeys(s for d in docs for s in d["meta"]["skipped"]))
+    meta["devices"] = list(dict.fromkeys(dev for d in docs for dev in d["meta"]["devices"]))
+    meta.update(
+        command="python -m benchmarks " + " ".join(shlex.quote(a) for a in args.argv),
+        started=started.isoformat(timespec="seconds"),
+        elapsed_s=time.perf_counter() - t0,
+        loadavg=dict(start=list(load_start), end=list(os.getloadavg())),
+        frameworks=frameworks,
+        isolation="one process per framework",
+    )
+    return dict(meta=meta, results=[r for d in docs for r in d["results"]])
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; returns the JSON document."""
     frameworks = ["torch", "paddle"] if args.framework == "all" else [args.framework]
     if args.device == "cuda" and "paddle" in frameworks:
         print("--device cuda: timing torch rows only, Paddle skipped", file=sys.stderr)
         frameworks = ["torch"]
+    if len(frameworks) > 1 and not args.in_process:
+        return _run_isolated(args, frameworks)
     _import_frameworks(frameworks, args.threads)
     torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     base = dict(QUICK if args.quick else FULL)
@@ -213,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         quick=args.quick,
         memory=not args.no_memory,
         frameworks=frameworks,
+        isolation="one process" + (", frameworks interleaved" if len(frameworks) > 1 else ""),
         framework_info=info,
         cases={n: CASES[n].description for n in args.case},
         case_settings=case_settings,
@@ -233,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:  # e.g. --device cuda without CUDA
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    if args.child:
+        return 0
     text = report.markdown(doc)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(text)
-    (args.out / "latest.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.json'}", file=sys.stderr)
     return 0

@@ -296,11 +296,16 @@ def floor_table(results: list[dict]) -> str:
 def footer(meta: dict) -> list[str]:
     """How every column is measured."""
     out = ["## How these numbers are measured", ""]
+    isolation = meta.get("isolation", "one process")
     out.append(
-        "- Timing: every variant of a case (plain, built-in, dualsn, the floor's forms; torch and "
-        "Paddle together on the same device) is timed once per round, in an order rotated every round; "
-        "a sample is enough back-to-back calls to last the minimum sample time. Times are medians over "
-        "the timed rounds; IQR = third minus first quartile."
+        f"- Processes: {isolation}. In one process torch and Paddle would share the C allocator (and "
+        "OpenMP state): whether a freed W-sized block is reused or faulted in fresh would then depend "
+        "on the other framework."
+    )
+    out.append(
+        "- Timing: every variant of a case (plain, built-in, dualsn, the floor's forms) is timed once "
+        "per round, in an order rotated every round; a sample is enough back-to-back calls to last the "
+        "minimum sample time. Times are medians over the timed rounds; IQR = third minus first quartile."
     )
     out.append(
         "- Ratios and % are paired: computed per round from that round's samples, then the median "
@@ -316,14 +321,18 @@ def footer(meta: dict) -> list[str]:
     out.append(
         "- Page faults: minor faults of the whole process (getrusage(RUSAGE_SELF).ru_minflt, every "
         "thread) across each sample's calls, per call; median over rounds. A W-sized allocation the "
-        "allocator takes fresh from the kernel shows as about W bytes / 4 KiB faults."
+        "allocator takes fresh from the kernel shows as W bytes / 4 KiB faults. With glibc's defaults, "
+        "every allocation of 32 MiB or more (float32 W from 4096x2048 up) is a fresh mmap, so there "
+        "faults/step / (W / 4 KiB) counts the W-sized allocations per step; below that, whether a freed "
+        "block is reused depends on malloc's state and can change between runs."
     )
     out.append(
         "- Peak memory (train, one-layer cases): a fresh model per row, outside the timing, "
         "built, stepped twice, then one measured step. peak = the most bytes live during the measured "
         "step among those allocated since just before the model was built (W, its gradient and whatever "
         "the spectral norm keeps are in; the shared input is not); kept = live after the step. "
-        "Above plain = the row's peak minus the plain layer's."
+        "Above plain = the row's peak minus the plain layer's. Counted: tensor memory from the "
+        "framework's allocator; not counted: scratch that BLAS/oneDNN allocate themselves, Python objects."
     )
     for label, info in meta["framework_info"].items():
         if info.get("memory_method"):

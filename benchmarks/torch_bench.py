@@ -28,8 +28,10 @@ within noise, a 1xN @ Nx1 ``mm`` 3-20x slower.) The two rescale forms are within
 other and both stay candidates; the fresh ``W / sigma`` is left out: it is the same pass plus
 an allocation, which can only add (how much depends on whether the allocator recycles the block). The in-place rank-1 update is up to
 2x faster than ``addr(out=)`` (one buffer read and written instead of G read and another
-written); it runs on a copy of G and alternates with its inverse update so that values stay
-bounded over thousands of calls (same work each call).
+written); it runs on a copy of G, keeps <G, W_sn> on the device (no host sync on a GPU; the
+``addr(out=)`` form reads it back with ``.item()``, as a backend keeping scalars on the host
+would), and alternates with its inverse update so that values stay bounded over thousands of
+calls (same work each call).
 """
 
 from __future__ import annotations
@@ -353,13 +355,14 @@ def floor_ops(weight: torch.Tensor) -> Floor:
         torch.addr(grad, u, v, beta=inv, alpha=-c * inv, out=buf_addr)
 
     def rank1_inplace() -> None:
-        # The same in place on a copy of G; every second call applies the inverse update
-        # (beta sigma, alpha c), which brings the buffer back to G: same work, bounded values.
-        c = torch.dot(w_sn_flat, grad_flat).item()
+        # The same in place on a copy of G, with <G, W_sn> left on the device (no host sync on a
+        # GPU; on the CPU it costs one extra pass over u). Every second call applies the inverse
+        # update (beta sigma, alpha c), which brings the buffer back to G: same work, bounded values.
+        c = torch.dot(w_sn_flat, grad_flat)
         if flip[0]:
-            buf_inplace.addr_(u, v, beta=s, alpha=c)
+            buf_inplace.addr_(u * c, v, beta=s)
         else:
-            buf_inplace.addr_(u, v, beta=inv, alpha=-c * inv)
+            buf_inplace.addr_(u * (c * -inv), v, beta=inv)
         flip[0] = not flip[0]
 
     bufs = {

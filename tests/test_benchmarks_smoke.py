@@ -54,12 +54,14 @@ def _check_paired(value, iqr, num, den, scale=1.0):
     assert iqr == pytest.approx(list(quartiles(vals)))
 
 
-def test_quick_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
+def test_quick_run_writes_tables_and_json(tmp_path, capsys):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same run on any machine
     threads_before = torch.get_num_threads()
-    rc = main(["--quick", "--case", "linear_256,register_linear_256", "--out", str(tmp_path)])
+    # In this process (the frameworks are imported already: fast); --device cpu: the same rows on
+    # any machine. The default, one process per framework, is tested below.
+    rc = main(["--quick", "--in-process", "--device", "cpu", "--case", "linear_256,register_linear_256",
+               "--out", str(tmp_path)])
     assert rc == 0
     assert torch.get_num_threads() == threads_before  # the run leaves torch's setting alone
     stdout = capsys.readouterr().out
@@ -71,8 +73,7 @@ def test_quick_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
     assert meta["threads"] == 1 and meta["quick"] is True and meta["memory"] is True
     assert meta["framework_info"]["torch"]["threads"] == 1
     assert set(meta["framework_info"]) == {"torch", "paddle"}
-    assert meta["devices"] == ["cpu"]
-    assert any(s.startswith("torch GPU rows:") for s in meta["skipped"])
+    assert meta["devices"] == ["cpu"] and meta["isolation"] == "one process, frameworks interleaved"
     assert all(_finite(x) for x in meta["loadavg"]["start"] + meta["loadavg"]["end"])
 
     keys = [(r["framework"], r["case"], r["mode"]) for r in doc["results"]]
@@ -161,8 +162,35 @@ def test_quick_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
     assert "| linear_256 | train | plain |" in md
     assert "| register_linear_256 | register | builtin |" in md
     assert "| | | dualsn[paddle] |" in md
-    assert "skipped: torch GPU rows: torch.cuda.is_available() is False" in md
     assert "ru_minflt" in md and "torch.profiler" in md and "host_memory_stat" in md
+
+
+def test_default_run_uses_one_process_per_framework(tmp_path, capsys):
+    rc = main(["--quick", "--device", "cpu", "--case", "register_linear_256", "--out", str(tmp_path)])
+    assert rc == 0
+    md = capsys.readouterr().out
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    meta = doc["meta"]
+    assert meta["isolation"] == "one process per framework" and meta["frameworks"] == ["torch", "paddle"]
+    assert set(meta["framework_info"]) == {"torch", "paddle"} and meta["devices"] == ["cpu"]
+    assert sorted(r["label"] for r in doc["results"]) == ["paddle", "torch"]
+    assert meta["command"].startswith("python -m benchmarks --quick --device cpu")
+    assert "one process per framework" in md and "| register_linear_256 | register | dualsn[paddle] |" not in md
+    assert "| | | dualsn[paddle] |" in md
+
+
+def test_gpu_rows_skipped_without_cuda(tmp_path, capsys, monkeypatch):
+    """--device auto (the default) without CUDA: CPU rows, and a note that says why no GPU rows."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = main(["--quick", "--framework", "torch", "--case", "register_linear_256", "--out", str(tmp_path)])
+    assert rc == 0
+    md = capsys.readouterr().out
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert doc["meta"]["devices"] == ["cpu"] and [r["label"] for r in doc["results"]] == ["torch"]
+    assert doc["meta"]["isolation"] == "one process"
+    assert "skipped: torch GPU rows: torch.cuda.is_available() is False" in md
 
 
 def test_cuda_without_cuda_exits_with_a_message(tmp_path, capsys, monkeypatch):
