@@ -6,9 +6,9 @@ a freed W-sized block is reused or faulted in fresh depends on what the other fr
 which distorts exactly the page-fault and allocation costs this benchmark reports.
 ``--in-process`` runs both in this process anyway, all variants of a case on one device
 interleaved. Within a process, all variants of a case are interleaved round by round (see
-``benchmarks.timing``); framework threads are pinned and printed. After the timing, the training cases' peak memory is measured on fresh
-models (see the drivers' ``memory``). The tables go to stdout and, with the raw numbers, to
-``<out>/latest.md`` and ``<out>/latest.json``.
+``benchmarks.timing``); framework threads are pinned and printed. After the timing, the
+training cases' peak memory is measured on fresh models (see the drivers' ``memory``). The
+tables go to stdout and, with the raw numbers, to ``<out>/latest.md`` and ``<out>/latest.json``.
 
 Devices: CPU rows always run (``--device cpu`` or ``auto``); the torch CUDA rows run when
 ``torch.cuda.is_available()`` (``auto``: skipped with a note otherwise; ``cuda``: an error).

@@ -162,7 +162,8 @@ def _mib(b: float | None, signed: bool = False) -> str:
     if b is None:
         return "-"
     v = b / MiB
-    return f"{v:+.1f}" if signed else f"{v:.1f}"
+    digits = 2 if abs(v) < 10 else 1
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
 def _faults(x: float | None) -> str:
@@ -221,9 +222,9 @@ def memory_table(results: list[dict]) -> str:
         "| dualsn extra peak in W | plain faults/step | built-in faults/step | dualsn faults/step |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for res in results:
-        if res["mode"] != "train":
-            continue
+    by = {(r["label"], r["case"]): r for r in results if r["mode"] == "train"}
+    cases = list(dict.fromkeys(case for _, case in by))
+    for res in (by[(label, case)] for case in cases for label in _labels(results) if (label, case) in by):
         rows = _rows(res)
         p, b, d = rows.get("plain", {}), rows.get("builtin", {}), rows.get("dualsn", {})
         extra = d.get("extra_peak_bytes")

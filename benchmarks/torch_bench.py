@@ -108,7 +108,8 @@ class TorchDriver:
 
             def make(sn):
                 torch.manual_seed(1)  # the same weights (and u, v draws) for every row
-                return _sngan_discriminator(case.params["ndf"], sn).to(self.device)
+                # On the device before the spectral norm: its state is made where it is used.
+                return _with_sn(_SNGANDiscriminator32(case.params["ndf"]).to(self.device), sn)
 
         else:
             base = _layer(case)
@@ -116,7 +117,7 @@ class TorchDriver:
 
             def make(sn):
                 torch.manual_seed(1)
-                return _with_sn(copy.deepcopy(base), sn).to(self.device)
+                return _with_sn(copy.deepcopy(base).to(self.device), sn)
 
         return make, x.to(self.device), base
 
@@ -441,7 +442,3 @@ class _SNGANDiscriminator32(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block4(self.block3(self.block2(self.block1(x))))
         return self.l5(F.relu(h).sum(dim=(2, 3)))
-
-
-def _sngan_discriminator(ndf: int, sn: Callable | None) -> nn.Module:
-    return _with_sn(_SNGANDiscriminator32(ndf), sn)
