@@ -137,8 +137,8 @@ def measure(
 ) -> dict[str, Stats]:
     """Time ``variants`` interleaved; returns per-variant statistics in milliseconds.
 
-    Variants of different frameworks may share one call (on the same device): they then see
-    the same machine conditions round by round.
+    Variants of different frameworks may share one call (``--in-process``, same device): they
+    then see the same machine conditions round by round.
 
     Each variant is first calibrated (see :func:`_calibrate`), then ``warmup`` untimed rounds
     and ``repeats`` timed rounds run over all variants.
