@@ -6,7 +6,13 @@ neighbour's test run) is spread over all variants instead of hitting whichever r
 A sample times ``inner`` back-to-back calls, with ``inner`` calibrated per variant before
 the rounds so that a sample lasts at least ``min_sample_s`` (the clock's resolution and the
 loop's overhead are then negligible). Warm-up rounds run the same way and are discarded.
-Reported numbers are medians of the per-call time over the samples.
+Reported numbers are medians of the per-call time over the samples; the per-round samples are
+kept in round order, so that a caller can pair variants round by round (see ``benchmarks.report``).
+
+Each sample also counts the process's minor page faults (``getrusage(RUSAGE_SELF).ru_minflt``,
+all threads) across the timed calls, divided by the calls: a fresh W-sized allocation shows up
+as about W bytes / 4 KiB faults per call, a reused buffer as none. The two ``getrusage`` calls
+sit outside the timed interval.
 
 This module is framework-free: the caller passes ``sync`` (a no-op on CPU,
 ``torch.cuda.synchronize`` on CUDA).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -43,6 +50,12 @@ class Stats:
     q3_ms: float
     samples: int
     inner: int
+    samples_ms: list[float]  # per-call time of each timed round, in round order
+    faults: list[float]  # minor page faults per call, per timed round
+
+    @property
+    def faults_per_call(self) -> float:
+        return statistics.median(self.faults)
 
     def as_dict(self) -> dict:
         return dict(
@@ -51,6 +64,8 @@ class Stats:
             q3_ms=self.q3_ms,
             samples=self.samples,
             inner=self.inner,
+            faults_per_call=self.faults_per_call,
+            samples_ms=list(self.samples_ms),
         )
 
 
@@ -58,25 +73,34 @@ def _noop() -> None:
     pass
 
 
-def _one_sample(variant: Variant, inner: int, sync: Callable[[], None]) -> float:
-    """Seconds per call for one sample."""
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _one_sample(variant: Variant, inner: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """(seconds per call, minor page faults per call) for one sample."""
     if variant.prepare is not None:
         arg = variant.prepare()
         sync()
+        f0 = _minflt()
         t0 = time.perf_counter()
         variant.fn(arg)
         sync()
-        return time.perf_counter() - t0
+        t1 = time.perf_counter()
+        return t1 - t0, float(_minflt() - f0)
     fn = variant.fn
     sync()
+    f0 = _minflt()
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
     sync()
-    return (time.perf_counter() - t0) / inner
+    t1 = time.perf_counter()
+    return (t1 - t0) / inner, (_minflt() - f0) / inner
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(first, third) quartile, inclusive method; both equal the value for one value."""
     if len(values) < 2:
         return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
@@ -94,7 +118,7 @@ def _calibrate(variant: Variant, min_sample_s: float, max_inner: int, sync) -> i
     variant.fn()
     inner = 1
     for _ in range(4):
-        per_call = _one_sample(variant, inner, sync)
+        per_call, _ = _one_sample(variant, inner, sync)
         want = max(1, min(max_inner, math.ceil(min_sample_s / max(per_call, 1e-9))))
         if want <= inner:
             break
@@ -113,6 +137,9 @@ def measure(
 ) -> dict[str, Stats]:
     """Time ``variants`` interleaved; returns per-variant statistics in milliseconds.
 
+    Variants of different frameworks may share one call (``--in-process``, same device): they
+    then see the same machine conditions round by round.
+
     Each variant is first calibrated (see :func:`_calibrate`), then ``warmup`` untimed rounds
     and ``repeats`` timed rounds run over all variants.
     """
@@ -122,6 +149,7 @@ def measure(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    faults: dict[str, list[float]] = {v.name: [] for v in variants}
     n = len(variants)
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -135,9 +163,10 @@ def measure(
             if rnd % 2:
                 order = order[::-1]
             for variant in order:
-                per_call = _one_sample(variant, inner[variant.name], sync)
+                per_call, flt = _one_sample(variant, inner[variant.name], sync)
                 if rnd >= warmup:
                     samples[variant.name].append(per_call)
+                    faults[variant.name].append(flt)
             if rnd % 8 == 7:
                 gc.collect()
     finally:
@@ -146,6 +175,6 @@ def measure(
     out = {}
     for name, values in samples.items():
         ms = [x * 1e3 for x in values]
-        q1, q3 = _quartiles(ms)
-        out[name] = Stats(statistics.median(ms), q1, q3, len(ms), inner[name])
+        q1, q3 = quartiles(ms)
+        out[name] = Stats(statistics.median(ms), q1, q3, len(ms), inner[name], ms, faults[name])
     return out
