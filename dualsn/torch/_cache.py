@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from dualsn import keys as _keys
 from dualsn.torch import _dtypes
 from dualsn.torch._grad import _divisor
+
+_U, _V = _keys.buffer_name("u"), _keys.buffer_name("v")  # the SN object's u, v buffers
 
 _SAMPLES = 256
 """Entries of W compared by value on every cache hit (see :class:`_EvalCache`)."""
@@ -114,7 +117,7 @@ def remember(sn, weight: torch.Tensor, sigma: torch.Tensor) -> None:
     """Keep ``sigma`` as ``sn``'s last sigma, with what it was computed from (a
     :class:`_SigmaRecord`). On every training forward: kept lean."""
     attrs = sn.__dict__  # plain attributes, written around nn.Module.__setattr__ (slow)
-    u, v = sn._buffers["_u"], sn._buffers["_v"]
+    u, v = sn._buffers[_U], sn._buffers[_V]
     if _dtypes._is_compiling() or weight.is_inference() or u.is_inference() or v.is_inference():
         attrs["_record"] = None  # no version counters to check it by
         return
@@ -146,7 +149,7 @@ def cached_output(sn, weight: torch.Tensor):
         and not sn.training
         and not _dtypes._is_compiling()
         and not (torch.is_grad_enabled() and weight.requires_grad)
-        and cache.valid(weight, sn._buffers["_u"], sn._buffers["_v"])
+        and cache.valid(weight, sn._buffers[_U], sn._buffers[_V])
     ):
         return cache.out
     return None

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.torch import _cache, _plain
 from dualsn.torch._dtypes import _LOW_PRECISION, _compute_dtype, _no_autocast, _upcast
@@ -29,7 +30,10 @@ from dualsn.torch._iteration import (
 )
 from dualsn.torch._matrix import ConvGeometry, ConvOperator, WeightMatrix
 
-_STATE_BUFFERS = ("_u", "_v", "_u_extra", "_v_extra", "_sigma", "_u_recovery", "_v_recovery")
+# The parametrization's buffers, named as torch's state-dict keys show them (dualsn.keys).
+_U, _V, _U_EXTRA, _V_EXTRA, _SIGMA = (_keys.buffer_name(role) for role in _keys.STATE_ROLES)
+_U_RECOVERY, _V_RECOVERY = (_keys.buffer_name(role) for role in _keys.RECOVERY_ROLES)
+_STATE_BUFFERS = (_U, _V, _U_EXTRA, _V_EXTRA, _SIGMA, _U_RECOVERY, _V_RECOVERY)
 """The buffers a :class:`SpectralNorm` may hold (all in the compute dtype)."""
 
 
@@ -93,14 +97,14 @@ class SpectralNorm(nn.Module):
         u = v = u_extra = v_extra = None
         if shapes is not None:
             u, v, u_extra, v_extra = self._draw_state(weight, shapes, seed)
-        self.register_buffer("_u", u)
-        self.register_buffer("_v", v)
+        self.register_buffer(_U, u)
+        self.register_buffer(_V, v)
         if u_extra is not None:
-            self.register_buffer("_u_extra", u_extra)
-            self.register_buffer("_v_extra", v_extra)
+            self.register_buffer(_U_EXTRA, u_extra)
+            self.register_buffer(_V_EXTRA, v_extra)
         if self.track_sigma:
             sigma_dtype = dtype if u is not None else torch.empty((), dtype=dtype).real.dtype
-            self.register_buffer("_sigma", torch.zeros((), dtype=sigma_dtype, device=weight.device))
+            self.register_buffer(_SIGMA, torch.zeros((), dtype=sigma_dtype, device=weight.device))
 
     def _draw_state(self, weight: torch.Tensor, shapes, seed: int | None):
         """(u, v, extra u rows, extra v rows) drawn for ``shapes`` (extras None without
@@ -116,7 +120,7 @@ class SpectralNorm(nn.Module):
             # Non-persistent buffers (not in the state dict): they follow .to() and work
             # under torch.compile, where drawing them with numpy could not run.
             recovery = _recovery_uv(weight, h, w, seed, spec.eps)
-            for name, x in zip(("_u_recovery", "_v_recovery"), recovery):
+            for name, x in zip((_U_RECOVERY, _V_RECOVERY), recovery):
                 self.register_buffer(name, x, persistent=False)
         u, v = u.view(shapes[0]), v.view(shapes[1])
         if k:
@@ -141,7 +145,7 @@ class SpectralNorm(nn.Module):
     def _vectors(self):
         """(u, v, extra u rows, extra v rows) as flat views of the buffers (extras: None)."""
         b = self._buffers  # (not self._u: nn.Module's attribute lookup is slow)
-        return b["_u"], b["_v"], b.get("_u_extra"), b.get("_v_extra")
+        return b[_U], b[_V], b.get(_U_EXTRA), b.get(_V_EXTRA)
 
     def _sigma_of(self, weight: torch.Tensor) -> torch.Tensor:
         """u^H M v from the current state (no iteration, no graph)."""
@@ -185,7 +189,7 @@ class SpectralNorm(nn.Module):
     def singular_values(self, weight: torch.Tensor) -> list[float]:
         """u_i^H M v_i for every pair (real parts): sigma first, then the extra estimates."""
         values = [self.sigma(weight)]
-        u_extra = self._buffers.get("_u_extra")
+        u_extra = self._buffers.get(_U_EXTRA)
         if u_extra is not None:
             with torch.no_grad():
                 op = self._operator(_upcast(weight))
@@ -231,7 +235,7 @@ class SpectralNorm(nn.Module):
             out, sigma = self._compute(weight.float(), training)
             return out.to(weight.dtype), sigma
         attrs = self.__dict__  # last_iterations is a plain attribute: skip nn.Module.__setattr__
-        if self._buffers["_u"] is None:
+        if self._buffers[_U] is None:
             attrs["last_iterations"] = 0
             return _normalize_exact(weight, self.spec, training), None
         if training:
@@ -250,9 +254,9 @@ class SpectralNorm(nn.Module):
         power-iteration step restarts instead of making them zero. (None, None) for a module
         pickled before they existed."""
         b = self._buffers
-        if b.get("_u_recovery") is None:
+        if b.get(_U_RECOVERY) is None:
             return None, None
-        return b["_u_recovery"].to(like.dtype), b["_v_recovery"].to(like.dtype)
+        return b[_U_RECOVERY].to(like.dtype), b[_V_RECOVERY].to(like.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         try:
@@ -373,7 +377,7 @@ class SpectralNormConv(SpectralNorm):
     _plain_operator = _operator
 
     def _vectors(self):
-        u_extra = self._buffers.get("_u_extra")
+        u_extra = self._buffers.get(_U_EXTRA)
         if u_extra is None:
             return self._u.view(-1), self._v.view(-1), None, None
         k = u_extra.shape[0]
