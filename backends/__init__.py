@@ -10,7 +10,7 @@ Drivers:
 ==========================  ==============================  =======================================
 name                        presets                         implementation
 ==========================  ==============================  =======================================
-``reference``               torch, torch_legacy, paddle     ``dualsn.spec.ReferenceSN`` + numpy layers
+``reference``               torch, torch_legacy, paddle     ``dualsn.reference.ReferenceSN`` + numpy layers
 ``dualsn_torch``            torch, torch_legacy, paddle     ``dualsn.torch``
 ``dualsn_paddle``           torch, torch_legacy, paddle     ``dualsn.paddle``
 ``torch_parametrizations``  torch                           ``torch.nn.utils.parametrizations.spectral_norm``

@@ -1,4 +1,4 @@
-"""The numpy reference driver: ``dualsn.spec.ReferenceSN`` plus numpy layers.
+"""The numpy reference driver: ``dualsn.reference.ReferenceSN`` plus numpy layers.
 
 It is the oracle every other driver is compared with. Spectral-norm state and the weight
 gradient come from ``dualsn.spec`` (``ReferenceSN``, ``normalized_weight_grad``); the layer
@@ -18,6 +18,7 @@ import numpy as np
 from backends import numpy_layers
 from backends.base import Config, Driver, Grads, Instance, LayerSpec
 from dualsn import spec
+from dualsn import reference as numpy_ref
 
 
 def conv_matrix(layer: LayerSpec, weight: np.ndarray) -> np.ndarray:
@@ -30,7 +31,7 @@ def conv_matrix(layer: LayerSpec, weight: np.ndarray) -> np.ndarray:
 
 
 class ConvOperatorSN:
-    """Spectral norm by the operator norm of a convolution: a ``spec.ReferenceSN`` on M(W),
+    """Spectral norm by the operator norm of a convolution: a ``numpy_ref.ReferenceSN`` on M(W),
     with the interface :class:`ReferenceInstance` uses of a ``ReferenceSN`` on the weight.
 
     M(W) is linear in W, so the gradient of sigma = u^H M(W) v with respect to W is the
@@ -40,7 +41,7 @@ class ConvOperatorSN:
         self.layer = layer
         self.spec = sn_spec
         self.dim = None
-        self.matrix_sn = spec.ReferenceSN(conv_matrix(layer, weight), 0, sn_spec, u0, v0, training=training, **extra)
+        self.matrix_sn = numpy_ref.ReferenceSN(conv_matrix(layer, weight), 0, sn_spec, u0, v0, training=training, **extra)
 
     @property
     def u(self):
@@ -63,7 +64,7 @@ class ConvOperatorSN:
 
     def weight_grad(self, grad, weight):
         """dL/dW given dL/dW_sn = ``grad``, u and v held constant: as
-        ``spec.normalized_weight_grad`` with d sigma / dW in place of u v^H."""
+        ``numpy_ref.normalized_weight_grad`` with d sigma / dW in place of u v^H."""
         s = self.sigma(weight)
         if self.spec.coeff is not None and self.spec.divisor(s) == 1.0:
             return grad  # inactive soft bound: W_sn = W
@@ -97,7 +98,7 @@ class ReferenceInstance(Instance):
         if config.operator_norm:
             self.sn = ConvOperatorSN(self.layer, self.weight, self.spec, u0, v0, training, **extra)
         else:
-            self.sn = spec.ReferenceSN(self.weight, config.canonical_dim, self.spec, u0, v0, training=training, **extra)
+            self.sn = numpy_ref.ReferenceSN(self.weight, config.canonical_dim, self.spec, u0, v0, training=training, **extra)
         self.last_sigma = None  # the sigma of the last forward (what track_sigma keeps)
         self._grads: tuple[np.ndarray, np.ndarray | None] | None = None
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from dualsn import spec
+from dualsn import reference as numpy_ref
 
 
 class SetupError(RuntimeError):
@@ -164,7 +165,7 @@ def converged_uv(w_mat: np.ndarray, iterations: int = 5) -> tuple[np.ndarray, np
     """u, v after a few power iterations on ``w_mat`` (the floor's inputs: sigma > 0, as in training)."""
     h, w = w_mat.shape
     u0, v0 = spec.init_uv(h, w, seed=0, dtype=w_mat.dtype)
-    return spec.power_iteration(w_mat, u0, v0, iterations, "uv", 1e-12)
+    return numpy_ref.power_iteration(w_mat, u0, v0, iterations, "uv", 1e-12)
 
 
 def floor_part(name: str) -> str:

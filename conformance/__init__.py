@@ -1,7 +1,7 @@
 """The dualsn conformance suite: one case table, run against every driver in :mod:`backends`.
 
 Each driver's trace (u, v, sigma, normalized weight, outputs, gradients over a sequence of
-primitives) is compared with the numpy reference ``dualsn.spec.ReferenceSN`` and, for drivers
+primitives) is compared with the numpy reference ``dualsn.reference.ReferenceSN`` and, for drivers
 that start from ``spec.init_uv``, with the stored golden traces.
 
 * ``pytest conformance``: the tests, parametrized as case x sequence x driver.

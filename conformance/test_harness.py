@@ -18,6 +18,7 @@ from backends.base import Config, Driver, LayerSpec
 from conformance import cases, golden, runner, tolerances
 from conformance.sequences import SEQUENCES
 from dualsn import spec
+from dualsn import reference as numpy_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIND_CASES = {case.config.layer.kind: case for case in reversed(cases.CASES)}
@@ -157,7 +158,7 @@ def test_tiny_weight_cases_really_depend_on_eps(case):
     for eps in (config.eps, 1e-12):
         s = spec.make_spec("torch_legacy", config.n_power_iterations, eps)
         u0, v0 = spec.init_uv(h, w, case.seed, case.dtype, eps)
-        ref = spec.ReferenceSN(weight, config.canonical_dim, s, u0, v0)
+        ref = numpy_ref.ReferenceSN(weight, config.canonical_dim, s, u0, v0)
         ref.forward(weight, training=True)
         states.append(ref.u)
     assert np.linalg.norm(states[0]) < 0.99  # u no longer unit: N(x) divided by eps
@@ -268,7 +269,7 @@ def test_reference_conv_matrix_is_the_convolution(case):
     # the power iteration on M converges to M's largest singular value (not the kernel's)
     s = spec.make_spec(spec.CONV_COMPAT, 300, case.config.eps)
     u0, v0 = spec.init_uv(*m.shape, case.seed, "float64")
-    ref = spec.ReferenceSN(m, 0, s, u0, v0)
+    ref = numpy_ref.ReferenceSN(m, 0, s, u0, v0)
     ref.forward(m, training=True)
     top = np.linalg.svd(m, compute_uv=False)[0]
     assert abs(ref.sigma(m) - top) < 1e-9 * top
@@ -309,7 +310,7 @@ def test_zero_weight_cases_are_zero_and_run_on_dualsn_drivers_only(case):
     assert not np.any(weight)
     if not config.spec("torch").is_exact_vector(weight.ndim):
         h, w = config.matrix_shape()
-        ref = spec.ReferenceSN(weight, config.canonical_dim, config.spec("torch_legacy"), *spec.init_uv(h, w, case.seed, case.dtype), seed=case.seed)
+        ref = numpy_ref.ReferenceSN(weight, config.canonical_dim, config.spec("torch_legacy"), *spec.init_uv(h, w, case.seed, case.dtype), seed=case.seed)
         np.testing.assert_array_equal(ref.forward(weight, training=True), np.zeros_like(weight))
         np.testing.assert_array_equal(ref.u, spec.recovery_uv(h, w, case.seed, case.dtype)[0])
     for name in ("torch_parametrizations", "torch_legacy", "paddle_builtin"):

@@ -76,21 +76,6 @@ __all__ = [
     "conv_spec",
 ]
 
-# Names of the numpy reference, served from dualsn.reference (which imports this module) on
-# first use, so ``spec.ReferenceSN`` and ``spec.power_iteration`` keep working.
-_REFERENCE_NAMES = frozenset(
-    {"power_step", "power_iteration", "training_iterations", "sigma", "normalized_weight_grad", "ReferenceSN"}
-)
-
-
-def __getattr__(name: str):
-    if name in _REFERENCE_NAMES:
-        from dualsn import reference
-
-        return getattr(reference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 DEFAULT_EPS = 1e-12
 """The ``eps`` of N(x) = x / max(||x||, eps) when the user gives none (as in every built-in)."""
 

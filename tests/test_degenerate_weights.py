@@ -9,7 +9,7 @@ registration iterations) raise FloatingPointError naming the parameter and the l
 before u, v change, while eval forwards pass the NaN through.
 
 Every test runs on the fast path and inside ``plain_path()`` (the plain path must give the same
-results). The expected values come from numpy: ``spec.ReferenceSN`` run on the same sequence,
+results). The expected values come from numpy: ``numpy_ref.ReferenceSN`` run on the same sequence,
 ``spec.recovery_uv``, and the exact singular values of an SVD in float64.
 """
 
@@ -31,6 +31,7 @@ import dualsn  # noqa: E402
 import dualsn.paddle as dp  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
 from dualsn import spec  # noqa: E402
+from dualsn import reference as numpy_ref  # noqa: E402
 
 PRESETS = tuple(spec.PRESETS)  # "torch", "torch_legacy", "paddle"
 DTYPES = ("float32", "float64")
@@ -189,13 +190,13 @@ def paddle_weight(layer, kind: str) -> np.ndarray:
     return out.T if kind == "linear" else out
 
 
-def reference(weight: np.ndarray, compat: str, dtype: str, seed: int = SEED, eps: float = EPS) -> spec.ReferenceSN:
-    """spec.ReferenceSN registered (training mode) on ``weight`` (torch layout) from the seeded
+def reference(weight: np.ndarray, compat: str, dtype: str, seed: int = SEED, eps: float = EPS) -> numpy_ref.ReferenceSN:
+    """numpy_ref.ReferenceSN registered (training mode) on ``weight`` (torch layout) from the seeded
     u, v, as both backends register with ``seed=``."""
     (h, w) = w_matrix(weight).shape
     u0, v0 = spec.init_uv(h, w, seed, dtype, eps)
     sn_spec = spec.make_spec(compat, eps=eps)
-    return spec.ReferenceSN(np.asarray(weight, dtype=dtype), 0, sn_spec, u0, v0, training=True, seed=seed)
+    return numpy_ref.ReferenceSN(np.asarray(weight, dtype=dtype), 0, sn_spec, u0, v0, training=True, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

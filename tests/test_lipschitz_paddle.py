@@ -13,6 +13,7 @@ paddle = pytest.importorskip("paddle")
 import dualsn  # noqa: E402
 import dualsn.paddle as dsn  # noqa: E402
 from dualsn import spec  # noqa: E402
+from dualsn import reference as numpy_ref  # noqa: E402
 from _numeric import random_array  # noqa: E402
 
 F64 = "float64"
@@ -60,14 +61,14 @@ class Holder(paddle.nn.Layer):
 
 
 def reference_for(w, dim, sp, seed, training=True):
-    """spec.ReferenceSN from the seeded draws dualsn uses (u, v, and the extra pairs)."""
+    """numpy_ref.ReferenceSN from the seeded draws dualsn uses (u, v, and the extra pairs)."""
     h, n = spec.matrix_shape(w.shape, dim)
     u0, v0 = spec.init_uv(h, n, seed, w.dtype, sp.eps)
     extra = {}
     if sp.num_svs > 1:
         eu, ev = spec.init_extra_uv(h, n, sp.num_svs - 1, seed, w.dtype, sp.eps)
         extra = dict(extra_u0=eu, extra_v0=ev)
-    return spec.ReferenceSN(w, dim, sp, u0, v0, training=training, **extra)
+    return numpy_ref.ReferenceSN(w, dim, sp, u0, v0, training=training, **extra)
 
 
 def real_loss(out, upstream):
@@ -133,7 +134,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("active", [True, False])
 @pytest.mark.parametrize("shape, dim, dtype", GRAD_CASES)
 def test_coeff_gradient_equals_reference(shape, dim, dtype, active):
-    """dL/dW through the hooked gradient equals spec.normalized_weight_grad (with coeff);
+    """dL/dW through the hooked gradient equals numpy_ref.normalized_weight_grad (with coeff);
     inactive: G itself."""
     rng = np.random.default_rng(2)
     w = random_array(shape, dtype, rng)
@@ -206,7 +207,7 @@ def test_coeff_double_forward_then_backward():
 )
 def test_tolerance_iteration_counts_and_state_equal_reference(compat, n, tolerances, max_iterations):
     """Iteration counts (``last_iterations``), u, v and the normalized weight equal
-    spec.training_iterations' forward by forward."""
+    numpy_ref.training_iterations' forward by forward."""
     rng = np.random.default_rng(7)
     w = with_singular_values(8, 6, [2.0, 1.9], rng)  # a small gap: many iterations
     kw = dict(tolerances, max_iterations=max_iterations)
@@ -308,7 +309,7 @@ def test_track_sigma_complex_weight():
 @pytest.mark.parametrize("compat", ["torch", "paddle"])
 @pytest.mark.parametrize("shape, dim, dtype", [((6, 8), 0, F64), ((4, 3, 3), 1, F64), ((5, 4), 1, "complex128")])
 def test_num_svs_steps_equal_reference(compat, shape, dim, dtype):
-    """Every pair, after registration and each training forward, equals spec.power_step's
+    """Every pair, after registration and each training forward, equals numpy_ref.power_step's
     Gram-Schmidt iteration; singular_values are the reference's u_i^H W v_i."""
     rng = np.random.default_rng(12)
     w = random_array(shape, dtype, rng)
@@ -468,7 +469,7 @@ def nhwc_case():
 @pytest.mark.parametrize("cls, input_shape, kwargs", CONVS, ids=CONV_IDS)
 def test_conv_steps_equal_reference_on_the_explicit_matrix(cls, input_shape, kwargs):
     """The power iteration, the normalized kernel and sigma, forward by forward, are
-    spec.ReferenceSN's on the explicit convolution matrix (u0, v0: init_uv, flattened)."""
+    numpy_ref.ReferenceSN's on the explicit convolution matrix (u0, v0: init_uv, flattened)."""
     layer = conv_layer(cls, input_shape, **kwargs)
     w = npy(layer.weight)
     m = explicit_conv_matrix(layer, w, input_shape)
@@ -479,7 +480,7 @@ def test_conv_steps_equal_reference_on_the_explicit_matrix(cls, input_shape, kwa
     assert tuple(layer.weight_u.shape) == hook.output_shape and m.shape[0] == np.prod(hook.output_shape)
     u0, v0 = spec.init_uv(*m.shape, 9, F64, sp.eps)
     eu, ev = spec.init_extra_uv(*m.shape, 1, 9, F64, sp.eps)
-    ref = spec.ReferenceSN(m, 0, sp, u0, v0, extra_u0=eu, extra_v0=ev)
+    ref = numpy_ref.ReferenceSN(m, 0, sp, u0, v0, extra_u0=eu, extra_v0=ev)
     x = paddle.randn([1, *input_shape], dtype=F64)
     for training in (True, True, False, True):
         layer.train() if training else layer.eval()
@@ -583,7 +584,7 @@ def test_conv_seed_and_unseeded_draws():
     hook = dsn.get_spectral_norm(layer)
     u0, v0 = spec.init_uv(int(np.prod(hook.output_shape)), int(np.prod(input_shape)), 8, F64)
     m = explicit_conv_matrix(layer, npy(layer.weight_orig), input_shape)
-    ref = spec.ReferenceSN(m, 0, spec.conv_spec(), u0, v0, training=True, seed=8)  # the warm-up
+    ref = numpy_ref.ReferenceSN(m, 0, spec.conv_spec(), u0, v0, training=True, seed=8)  # the warm-up
     np.testing.assert_allclose(npy(layer.weight_u).ravel(), ref.u, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(npy(layer.weight_v).ravel(), ref.v, rtol=1e-10, atol=1e-13)
     sigma_exact = np.linalg.svd(m, compute_uv=False)[0]

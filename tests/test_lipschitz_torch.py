@@ -23,6 +23,7 @@ from torch.nn.utils import parametrizations as builtin_param  # noqa: E402
 import dualsn  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
 from dualsn import spec  # noqa: E402
+from dualsn import reference as numpy_ref  # noqa: E402
 from _numeric import random_array  # noqa: E402
 
 PRESETS = tuple(spec.PRESETS)
@@ -64,16 +65,16 @@ def state(module, name="weight"):
 
 
 def reference(w_np, dim, sp, seed, training=True):
-    """spec.ReferenceSN started from the seeded draw dualsn uses."""
+    """numpy_ref.ReferenceSN started from the seeded draw dualsn uses."""
     if sp.is_exact_vector(w_np.ndim):
-        return spec.ReferenceSN(w_np, dim, sp, training=training)
+        return numpy_ref.ReferenceSN(w_np, dim, sp, training=training)
     h, w = spec.matrix_shape(w_np.shape, dim)
     u0, v0 = spec.init_uv(h, w, seed, w_np.dtype, sp.eps)
     extra = {}
     if sp.num_svs > 1:
         eu, ev = spec.init_extra_uv(h, w, sp.num_svs - 1, seed, w_np.dtype, sp.eps)
         extra = {"extra_u0": eu, "extra_v0": ev}
-    return spec.ReferenceSN(w_np, dim, sp, u0, v0, training=training, **extra)
+    return numpy_ref.ReferenceSN(w_np, dim, sp, u0, v0, training=training, **extra)
 
 
 def assert_state_equals_reference(sn, ref, rtol=1e-12):
@@ -159,7 +160,7 @@ def test_coeff_inactive_leaves_weight_and_gradient_unchanged(compat, shape, dim)
 @pytest.mark.parametrize("tensor_scalars", [False, True])
 def test_coeff_forward_and_gradient_equal_reference(compat, dtype, shape, dim, active, tensor_scalars, monkeypatch):
     """Training forwards, then an eval one: the normalized weight and dL/dW equal the
-    reference's (spec.normalized_weight_grad, coeff-aware), bound active or not.
+    reference's (numpy_ref.normalized_weight_grad, coeff-aware), bound active or not.
 
     ``tensor_scalars`` forces the gradient path used off the CPU (no .item())."""
     if tensor_scalars:
@@ -324,7 +325,7 @@ def test_sigma_reads_the_kept_value_and_sees_every_change(monkeypatch):
     monkeypatch.setattr(sn, "_sigma_of", lambda w: calls.append(1) or compute(w))
 
     def expected():
-        return float(spec.sigma(np_(original), np_(sn._u), np_(sn._v)))
+        return float(numpy_ref.sigma(np_(original), np_(sn._u), np_(sn._v)))
 
     assert dt.sigma(m) == pytest.approx(expected(), rel=1e-13) and len(calls) == 1
     m.weight  # training forward: keeps its sigma
@@ -365,7 +366,7 @@ def test_num_svs_converges_to_the_top_singular_values(compat, dtype, shape, dim)
 @pytest.mark.parametrize("train_at_registration", [True, False])
 def test_num_svs_equals_reference_step_by_step(compat, dtype, shape, dim, train_at_registration):
     """Extra pairs drawn by spec.init_extra_uv from the same seed and iterated with
-    Gram-Schmidt exactly as spec.power_step; the normalized weight is num_svs=1's."""
+    Gram-Schmidt exactly as numpy_ref.power_step; the normalized weight is num_svs=1's."""
     sp = spec.make_spec(compat, 2, num_svs=3)
     w_np = random_array(shape, dtype, seed=17)
     kwargs = {"n_power_iterations": 2, "dim": dim, "compat": compat, "seed": 18}
@@ -497,7 +498,7 @@ def test_conv_sigma_is_the_exact_operator_norm(case):
 @pytest.mark.parametrize("coeff", [None, 0.3])
 @pytest.mark.parametrize("num_svs", [1, 2])
 def test_conv_equals_reference_on_the_explicit_matrix(case, coeff, num_svs):
-    """Step by step, u, v (flattened) and sigma are spec.ReferenceSN's on the explicit matrix
+    """Step by step, u, v (flattened) and sigma are numpy_ref.ReferenceSN's on the explicit matrix
     with spec.conv_spec (order vu, spec.CONV_WARMUP_ITERATIONS at registration), from
     init_uv(out_numel, in_numel, seed); the normalized kernel is W / divisor(sigma), and dL/dW is G / d - <W_sn, G> k dsigma/dW
     with dsigma/dW[j] = u^T M(e_j) v read off explicit matrices of basis kernels."""
@@ -511,7 +512,7 @@ def test_conv_equals_reference_on_the_explicit_matrix(case, coeff, num_svs):
     if num_svs > 1:
         eu, ev = spec.init_extra_uv(rows, cols, num_svs - 1, 5, np.float64)
         extra = {"extra_u0": eu, "extra_v0": ev}
-    ref = spec.ReferenceSN(matrix, 0, sp, u0, v0, training=True, **extra)
+    ref = numpy_ref.ReferenceSN(matrix, 0, sp, u0, v0, training=True, **extra)
     original, sn = state(conv)
     assert_state_equals_reference(sn, ref)
     w_np = np_(original)
@@ -533,7 +534,7 @@ def test_conv_equals_reference_on_the_explicit_matrix(case, coeff, num_svs):
         g_np = random_array(w_np.shape, seed=20 + step)
         (torch.from_numpy(g_np) * w_sn).sum().backward()
         dsigma = np.array([ref.u @ b @ ref.v for b in basis_matrices]).reshape(w_np.shape)
-        # spec.normalized_weight_grad's formula with dsigma/dW for u v^T (the bound is active)
+        # numpy_ref.normalized_weight_grad's formula with dsigma/dW for u v^T (the bound is active)
         expected = g_np / d - np.vdot(w_np / d, g_np) / s * dsigma
         np.testing.assert_allclose(np_(original.grad), expected, rtol=1e-9, atol=1e-12)
     # in eval mode (no iteration) the layer's output is the convolution with that kernel

@@ -18,6 +18,7 @@ import _scale_common as common  # noqa: E402
 import dualsn  # noqa: E402
 import dualsn.paddle as dsn  # noqa: E402
 from dualsn import spec  # noqa: E402
+from dualsn import reference as numpy_ref  # noqa: E402
 
 GPU = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 NO_GPU = "no CUDA device here (Paddle is a CPU build or sees no GPU)"
@@ -244,7 +245,7 @@ def test_low_precision_weights_compute_in_float32(device, dtype):
     state_dtype = "float32" if dtype in LOW_PRECISION else dtype
     assert str(layer.weight_u.dtype) == str(layer.weight_v.dtype) == f"paddle.{state_dtype}"
     u0, v0 = spec.init_uv(10, 12, 9, state_dtype)
-    ref = spec.ReferenceSN(w_np, 0, spec.make_spec(), u0.astype(np.float64), v0.astype(np.float64))
+    ref = numpy_ref.ReferenceSN(w_np, 0, spec.make_spec(), u0.astype(np.float64), v0.astype(np.float64))
     state_rtol = 1e-5 if dtype in LOW_PRECISION else 1e-12
     out_rtol = {"float16": 2e-3, "bfloat16": 1e-2, "float64": 1e-12}[dtype]
     x = paddle.to_tensor(rng.standard_normal((3, 12)).astype("float32"))

@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 import _scale_common as common  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
 from dualsn import spec  # noqa: E402
+from dualsn import reference as numpy_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False)"
@@ -262,7 +263,7 @@ def test_low_precision_weights_compute_in_float32(device, dtype):
     sn = dt.get_spectral_norm(model)
     assert sn._u.dtype == sn._v.dtype == state_dtype
     u0, v0 = spec.init_uv(10, 12, 9, "float32" if dtype in LOW_PRECISION else "float64")
-    ref = spec.ReferenceSN(w_np, 0, spec.make_spec(), u0.astype(np.float64), v0.astype(np.float64))
+    ref = numpy_ref.ReferenceSN(w_np, 0, spec.make_spec(), u0.astype(np.float64), v0.astype(np.float64))
     state_rtol = 1e-5 if dtype in LOW_PRECISION else 1e-12
     out_rtol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
     x = torch.from_numpy(rng.standard_normal((3, 12))).float().to(device)

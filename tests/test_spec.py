@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dualsn import spec
+from dualsn import reference as numpy_ref
 from _numeric import random_array as random_weight
 
 
@@ -116,7 +117,7 @@ def test_power_iteration_converges_to_the_largest_singular_value(order, dtype):
     dim = 1
     h, w = spec.matrix_shape(weight.shape, dim)
     u0, v0 = spec.init_uv(h, w, seed=0, dtype=dtype)
-    sn = spec.ReferenceSN(weight, dim, spec.make_spec("torch", 200).replace(order=order), u0, v0)
+    sn = numpy_ref.ReferenceSN(weight, dim, spec.make_spec("torch", 200).replace(order=order), u0, v0)
     exact = top_singular_value(weight, dim)
     assert abs(sn.sigma(weight)) == pytest.approx(exact, rel=1e-9)
     w_sn = sn.forward(weight, training=False)
@@ -126,8 +127,8 @@ def test_power_iteration_converges_to_the_largest_singular_value(order, dtype):
 def test_the_two_orders_differ_before_convergence():
     weight = random_weight((8, 8))
     u0, v0 = spec.init_uv(8, 8, seed=1, dtype="float64")
-    uv = spec.ReferenceSN(weight, 0, spec.PRESETS["torch"].replace(warmup_iterations=0, registration_forward=False), u0, v0)
-    vu = spec.ReferenceSN(weight, 0, spec.PRESETS["paddle"], u0, v0)
+    uv = numpy_ref.ReferenceSN(weight, 0, spec.PRESETS["torch"].replace(warmup_iterations=0, registration_forward=False), u0, v0)
+    vu = numpy_ref.ReferenceSN(weight, 0, spec.PRESETS["paddle"], u0, v0)
     uv.forward(weight, training=True)
     vu.forward(weight, training=True)
     assert np.abs(uv.u - vu.u).max() > 1e-3
@@ -137,8 +138,8 @@ def test_registration_runs_the_preset_count():
     weight = random_weight((5, 7))
     u0, v0 = spec.init_uv(5, 7, seed=2, dtype="float64")
     preset = spec.PRESETS["torch"]
-    registered = spec.ReferenceSN(weight, 0, preset, u0, v0, training=True)
-    expected_u, expected_v = spec.power_iteration(weight, u0, v0, 16, "uv", preset.eps)
+    registered = numpy_ref.ReferenceSN(weight, 0, preset, u0, v0, training=True)
+    expected_u, expected_v = numpy_ref.power_iteration(weight, u0, v0, 16, "uv", preset.eps)
     np.testing.assert_array_equal(registered.u, expected_u)
     np.testing.assert_array_equal(registered.v, expected_v)
 
@@ -168,7 +169,7 @@ def test_weight_gradient_matches_finite_differences(dtype, shape, dim, compat):
     preset = spec.make_spec(compat)
     h, w = spec.matrix_shape(shape, dim)
     u0, v0 = spec.init_uv(h, w, seed=5, dtype=dtype)
-    sn = spec.ReferenceSN(weight, dim, preset, u0, v0)
+    sn = numpy_ref.ReferenceSN(weight, dim, preset, u0, v0)
     upstream = random_weight(shape, dtype, seed=6)
 
     def loss(candidate):  # u, v held constant, as in autograd
@@ -181,13 +182,13 @@ def test_weight_gradient_matches_finite_differences(dtype, shape, dim, compat):
 def test_reference_state_round_trip():
     weight = random_weight((3, 4))
     u0, v0 = spec.init_uv(3, 4, seed=0, dtype="float64")
-    sn = spec.ReferenceSN(weight, 0, spec.PRESETS["paddle"], u0, v0)
+    sn = numpy_ref.ReferenceSN(weight, 0, spec.PRESETS["paddle"], u0, v0)
     saved = sn.state()
     sn.forward(weight, training=True)
     assert not np.array_equal(sn.u, saved["u"])
     sn.load_state(saved)
     np.testing.assert_array_equal(sn.u, saved["u"])
-    assert spec.ReferenceSN(np.ones(3), 0, spec.PRESETS["torch"]).state() == {}
+    assert numpy_ref.ReferenceSN(np.ones(3), 0, spec.PRESETS["torch"]).state() == {}
 
 
 def test_default_dim_is_0_for_vectors_even_on_dim_1_layers():
@@ -219,7 +220,7 @@ def converged_reference(weight, dim, **features):
             "extra_u0": rng.standard_normal((preset.num_svs - 1, h)),
             "extra_v0": rng.standard_normal((preset.num_svs - 1, w)),
         }
-    return spec.ReferenceSN(weight, dim, preset, u0, v0, **extra)
+    return numpy_ref.ReferenceSN(weight, dim, preset, u0, v0, **extra)
 
 
 @pytest.mark.parametrize("coeff", [0.5, 0.97, 50.0])
@@ -251,7 +252,7 @@ def test_tolerance_stop_iterates_until_sigma_settles():
     weight = random_weight((8, 8), seed=10)
     u0, v0 = spec.init_uv(8, 8, seed=0, dtype="float64")
     preset = spec.make_spec("paddle", atol=0.0, rtol=1e-8, max_iterations=500)
-    sn = spec.ReferenceSN(weight, 0, preset, u0, v0)
+    sn = numpy_ref.ReferenceSN(weight, 0, preset, u0, v0)
     sn.forward(weight, training=True)
     count = sn.last_iterations
     assert 2 <= count < 500
@@ -259,7 +260,7 @@ def test_tolerance_stop_iterates_until_sigma_settles():
     estimates = []
     us, vs = [u0], [v0]
     for _ in range(count):
-        us, vs, estimate = spec.power_step(weight, us, vs, "vu", preset.eps)
+        us, vs, estimate = numpy_ref.power_step(weight, us, vs, "vu", preset.eps)
         estimates.append(estimate)
     assert preset.settled(estimates[-2], estimates[-1])
     if count > 2:
@@ -271,7 +272,7 @@ def test_tolerance_stop_iterates_until_sigma_settles():
 def test_tolerance_stop_respects_max_iterations():
     weight = random_weight((8, 8), seed=10)
     u0, v0 = spec.init_uv(8, 8, seed=0, dtype="float64")
-    sn = spec.ReferenceSN(weight, 0, spec.make_spec("paddle", atol=0.0, max_iterations=3), u0, v0)
+    sn = numpy_ref.ReferenceSN(weight, 0, spec.make_spec("paddle", atol=0.0, max_iterations=3), u0, v0)
     sn.forward(weight, training=True)
     assert sn.last_iterations == 3
 

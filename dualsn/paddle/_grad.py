@@ -26,7 +26,7 @@ def _inverse(value: float) -> float:
 #
 # Autograd sees W -> W * (1 / sigma) with sigma a constant: one cheap op, whose backward
 # gives G / conj(sigma). The rest of the gradient, -<W_sn, G> u v^H / conj(sigma) (u, v
-# held constant, spec.normalized_weight_grad), is added by a tensor hook on a private view
+# held constant, reference.normalized_weight_grad), is added by a tensor hook on a private view
 # of W, in place on the gradient that op's backward has just produced (it is ours alone).
 # No paddle.autograd.PyLayer: in Paddle 3.3 a PyLayer drops its context after its first
 # backward, so a second backward through a graph kept with retain_graph=True crashes.
@@ -108,7 +108,7 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec):
 
         (G - <W_sn, G> u v^H) / conj(sigma),   <A, B> = sum(conj(A) * B)
 
-    (``dualsn.spec.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
+    (``dualsn.reference.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
     coeff): G / conj(d) - <W_sn, G> u v^H / conj(sigma); inactive (d = 1): G itself. A zero
     sigma is floored (d = eps): G / eps.
 
@@ -131,7 +131,7 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec):
 
 
 class _VectorGradHook(_GradHook):
-    """grad = G / n0 in (n0 = max(||W||, eps)), spec.normalized_weight_grad out:
+    """grad = G / n0 in (n0 = max(||W||, eps)), reference.normalized_weight_grad out:
     (G - Re<w_hat, G> w_hat) / ||W||, or G / eps where ||W|| <= eps. Paddle's own p_norm
     gradient differs from that by about eps / ||W||."""
 
@@ -218,7 +218,7 @@ def _divide(weight, op, sigma, u, v, spec: _spec.Spec):
         return _divide_by_conv_sigma(weight, op, u, v, spec)
     private = _private_view(weight)
     # With coeff the hook's correction is the same (in terms of the gradient it receives,
-    # G / conj(divisor)): see spec.normalized_weight_grad. u, v are clones: a second forward
+    # G / conj(divisor)): see reference.normalized_weight_grad. u, v are clones: a second forward
     # (D(real), then D(fake)) updates the buffers in place before this backward runs.
     private.register_hook(_MatrixGradHook(op, u.clone(), v.clone(), sigma))
     return _scaled(private, divisor)

@@ -80,7 +80,7 @@ def _flat(x):
 
 def _orthogonalize(x, basis):
     """``x`` minus its projections on the orthonormal vectors of ``basis``, one after the
-    other (Gram-Schmidt, as ``dualsn.spec.power_step``); any shape, ``x``'s kept."""
+    other (Gram-Schmidt, as ``dualsn.reference.power_step``); any shape, ``x``'s kept."""
     flat = _flat(x)
     for b in basis:
         b = _flat(b)
@@ -89,7 +89,7 @@ def _orthogonalize(x, basis):
 
 
 def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, None)) -> float:
-    """One power iteration on every (u, v) pair, in place (``dualsn.spec.power_step``).
+    """One power iteration on every (u, v) pair, in place (``dualsn.reference.power_step``).
 
     ``op`` has ``mv`` (x -> M x) and ``mhv`` (y -> M^H y): a :class:`WeightMatrix` or a
     :class:`ConvOperator`. ``u``, ``v`` are pair 0, the plain iteration; the rows of
@@ -158,7 +158,7 @@ def power_iteration_(weight, dim: int, u, v, n: int, order: str, eps: float) -> 
 
 
 def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
-    """The power iterations of one training forward (``dualsn.spec.training_iterations``), in
+    """The power iterations of one training forward (``dualsn.reference.training_iterations``), in
     place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
     How many steps: :meth:`dualsn.spec.Spec.run_training_iterations`, comparing pair 0's last

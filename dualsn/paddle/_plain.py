@@ -83,7 +83,7 @@ def _plain_normalize(x, eps: float, recovery=None):
 
 
 def _plain_step(op, vectors, order: str, eps: float, recovery=(None, None)):
-    """One :func:`dualsn.spec.power_step` with ordinary ops; returns the new (us, vs) and the
+    """One :func:`dualsn.reference.power_step` with ordinary ops; returns the new (us, vs) and the
     norm of pair 0's last vector before normalization (a 0-D tensor). Nothing is written."""
     u, v, extra_u, extra_v = vectors
     pairs = [(u, v)] + ([] if extra_u is None else [(extra_u[i], extra_v[i]) for i in range(int(extra_u.shape[0]))])

@@ -254,7 +254,7 @@ class SpectralNormConv(SpectralNorm):
 
     ``<name>_u`` (shape ``geometry.output_shape``) and ``<name>_v`` (``geometry.input_shape``)
     live in the output and input activation spaces of one sample; the power iteration is
-    :func:`dualsn.spec.power_step` on the explicit convolution matrix, computed with the
+    :func:`dualsn.reference.power_step` on the explicit convolution matrix, computed with the
     layer's convolution and the matching transposed convolution (:class:`ConvOperator`).
     ``dim`` is None: no axis of the kernel is singled out. Formerly ``SpectralNormConvHook``.
     """

@@ -140,7 +140,7 @@ def spectral_norm_conv(
     sample) and ``_v`` (shape ``input_shape``) live in the activation spaces, and the power
     iteration (order "vu", as i-ResNet: v <- N(M^H u), u <- N(M v)) applies the layer's own
     convolution and the matching transposed convolution (stride, padding, dilation, groups).
-    The algorithm is :class:`dualsn.spec.ReferenceSN` on M with the "torch_legacy" preset
+    The algorithm is :class:`dualsn.reference.ReferenceSN` on M with the "torch_legacy" preset
     (no warm-up), so u, v start from their draw: run a few training forwards, or use
     ``atol``/``rtol``, before trusting sigma. A seeded draw is
     ``spec.init_uv(M's rows, M's columns, seed)`` reshaped.

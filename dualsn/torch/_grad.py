@@ -30,7 +30,7 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec) -> torch.
 
         (G - <W_sn, G> u v^H) / conj(sigma),   <A, B> = sum(conj(A) * B)
 
-    (``dualsn.spec.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
+    (``dualsn.reference.normalized_weight_grad``). With ``coeff`` and the bound active (d = sigma /
     coeff): G / conj(d) - <W_sn, G> u v^H / conj(sigma); inactive (d = 1): G itself. A zero
     sigma is floored (d = eps): G / eps. Computed in two passes over W: one dot product
     <W, G> (<W_sn, G> = <W, G> / conj(d)) and one fused rank-1 update.

@@ -71,14 +71,14 @@ def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: to
 
 def _orthogonalize(x: torch.Tensor, basis) -> torch.Tensor:
     """``x`` minus its projections on the (orthonormal) vectors of ``basis``, one after the
-    other (Gram-Schmidt, as ``dualsn.spec.power_step``)."""
+    other (Gram-Schmidt, as ``dualsn.reference.power_step``)."""
     for b in basis:
         x = x - torch.vdot(b, x) * b
     return x
 
 
 def _step(op, u, v, extra_u, extra_v, order: str, eps: float, recovery=(None, None)):
-    """One power iteration on every (u, v) pair, in place: ``dualsn.spec.power_step``.
+    """One power iteration on every (u, v) pair, in place: ``dualsn.reference.power_step``.
 
     ``op`` has ``mv`` (x -> M x) and ``mhv`` (y -> M^H y) on flat vectors (a
     :class:`WeightMatrix` or a :class:`ConvOperator`). ``u``, ``v`` are pair 0; ``extra_u``,
@@ -116,7 +116,7 @@ def sigma_from_last(last) -> torch.Tensor | None:
 
 @torch.no_grad()
 def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
-    """The power iterations of one training forward (``dualsn.spec.training_iterations``),
+    """The power iterations of one training forward (``dualsn.reference.training_iterations``),
     in place on ``vectors`` = (u, v, extra_u, extra_v); returns (sigma, count).
 
     How many steps: :meth:`dualsn.spec.Spec.run_training_iterations`; with ``atol``/``rtol``

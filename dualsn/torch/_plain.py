@@ -90,7 +90,7 @@ def _plain_normalize(x: torch.Tensor, eps: float, recovery: torch.Tensor | None 
 
 
 def _plain_step(op, us: list, vs: list, spec: _spec.Spec, recovery=(None, None)):
-    """``dualsn.spec.power_step`` in ordinary torch operations: the new lists of u's and v's,
+    """``dualsn.reference.power_step`` in ordinary torch operations: the new lists of u's and v's,
     and the norm of pair 0's last vector before normalization (what atol/rtol compare). A NaN
     or Inf raises FloatingPointError on the CPU (nothing is written here)."""
     new_us, new_vs, estimate = [], [], None

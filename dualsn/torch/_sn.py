@@ -347,7 +347,7 @@ class SpectralNormConv(SpectralNorm):
 
     ``_u`` (shape ``output_shape``) and ``_v`` (shape ``input_shape``) live in the output and
     input activation spaces of one sample; the power iteration is
-    :func:`dualsn.spec.power_step` on the explicit convolution matrix, computed with the
+    :func:`dualsn.reference.power_step` on the explicit convolution matrix, computed with the
     layer's convolution and transposed convolution (:class:`ConvOperator`). ``dim`` is None:
     no axis of the kernel is singled out.
     """
