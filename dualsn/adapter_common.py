@@ -6,7 +6,7 @@
 * :func:`hook_sn_info` / :func:`hook_sn_preset`: a spectral norm kept as a forward-pre-hook
   (the older torch hook, Paddle's built-in, dualsn's Paddle hooks) read by duck typing;
 * :func:`conv_geometry`: a backend's convolution geometry as plain ints;
-* :func:`dim_or_none`, :func:`dtype_name`, :func:`shape_of`: small helpers for any tensor.
+* :func:`dim_or_none`, :func:`dotted_name`, :func:`dtype_name`, :func:`shape_of`: small helpers.
 
 The adapters import this module; it imports neither a framework nor a backend.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["SpectralNormState", "preset_of_spec", "hook_sn_info", "hook_sn_preset", "dim_or_none",
-           "conv_geometry", "dtype_name", "shape_of"]
+           "conv_geometry", "dotted_name", "dtype_name", "shape_of"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ def conv_geometry(geometry) -> dict:
 
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(n) for n in values)
+
+
+def dotted_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or ``name`` for the model itself (prefix ``""``)."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 def dtype_name(x) -> str:

@@ -13,8 +13,14 @@ import numpy as np
 import paddle
 
 from dualsn import spec as _spec
-from dualsn.adapter_common import (SpectralNormState, conv_geometry, dtype_name, hook_sn_info, hook_sn_preset,
-                                   shape_of)
+from dualsn.adapter_common import (SpectralNormState, conv_geometry, dotted_name, dtype_name, hook_sn_info,
+                                   hook_sn_preset, shape_of)
+
+__all__ = [
+    "NAME", "is_model", "state", "layers", "layer_kind", "sn_info", "sn_preset", "assign", "refresh", "store_sigma",
+    "to_numpy", "is_meta", "missing_data", "dense_numpy", "float_numpy", "spectral_norms", "forward", "seed",
+    "sn_layer_names", "sigmas", "HingeTrainer",
+]
 
 NAME = "paddle"
 
@@ -169,14 +175,10 @@ def spectral_norms(model) -> list[SpectralNormState]:
         kind = type(layer).__name__
         for hook in layer._forward_pre_hooks.values():
             if isinstance(hook, dsn.SpectralNormHook):
-                found.append(_dualsn_state(_join(prefix, hook.name), kind, hook, layer))
+                found.append(_dualsn_state(dotted_name(prefix, hook.name), kind, hook, layer))
             elif type(hook).__name__ == "SpectralNorm" and hasattr(hook, "n_power_iterations"):
-                found.append(_builtin_state(_join(prefix, hook.name), kind, hook, layer))
+                found.append(_builtin_state(dotted_name(prefix, hook.name), kind, hook, layer))
     return found
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,8 +56,14 @@ import torch
 from torch import nn
 
 from dualsn import spec as _spec
-from dualsn.adapter_common import (SpectralNormState, conv_geometry, dim_or_none, hook_sn_info, hook_sn_preset,
-                                   preset_of_spec)
+from dualsn.adapter_common import (SpectralNormState, conv_geometry, dim_or_none, dotted_name, hook_sn_info,
+                                   hook_sn_preset, preset_of_spec)
+
+__all__ = [
+    "NAME", "is_model", "state", "layers", "layer_kind", "sn_info", "sn_preset", "assign", "refresh", "store_sigma",
+    "to_numpy", "is_meta", "missing_data", "dense_numpy", "float_numpy", "spectral_norms", "forward", "seed",
+    "sn_layer_names", "sigmas", "HingeTrainer",
+]
 
 NAME = "torch"
 
@@ -217,9 +223,9 @@ def _parametrized(prefix: str, module, kind: str) -> list[SpectralNormState]:
                     x = p(*[getattr(plist, f"original{i}") for i in range(plist.ntensors)])
                     continue
                 if isinstance(p, dsn.SpectralNorm):
-                    found.append(_dualsn_state(_join(prefix, pname), kind, p, x))
+                    found.append(_dualsn_state(dotted_name(prefix, pname), kind, p, x))
                 elif isinstance(p, parametrizations._SpectralNorm):
-                    found.append(_builtin_state(_join(prefix, pname), kind, p, x))
+                    found.append(_builtin_state(dotted_name(prefix, pname), kind, p, x))
                 else:
                     x = p(x)
                     continue
@@ -236,7 +242,7 @@ def _legacy_hooks(prefix: str, module, kind: str) -> list[SpectralNormState]:
         if isinstance(hook, legacy):
             s = _spec.make_spec("torch_legacy", hook.n_power_iterations, hook.eps)
             found.append(SpectralNormState(
-                _join(prefix, hook.name), kind, "built-in", hook.dim, s,
+                dotted_name(prefix, hook.name), kind, "built-in", hook.dim, s,
                 float_numpy(getattr(module, hook.name + "_orig")),
                 float_numpy(getattr(module, hook.name + "_u")),
                 float_numpy(getattr(module, hook.name + "_v")),
@@ -257,10 +263,6 @@ def spectral_norms(model) -> list[SpectralNormState]:
             found += _parametrized(prefix, module, kind)
         found += _legacy_hooks(prefix, module, kind)
     return found
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,15 +55,16 @@ code from them: regular files only, the format decided by the content, never mor
 than the file's size, nested containers returned as written. :func:`save_checkpoint` writes
 atomically, never replaces a file created meanwhile unless told to, and honours the umask.
 
-This package imports neither framework at import time; what it asks of a framework goes
-through the framework's adapter (:mod:`dualsn.adapters`).
+This package imports neither framework at import time. What it asks of a model or a tensor
+goes through the framework's adapter (:mod:`dualsn.adapters`); the two file formats are its own
+(``_torchfile`` imports torch to read or write a torch file; ``.pdparams`` files need no Paddle).
 
 Layout: ``_types`` (records and errors), ``_keys`` (state-dict key names, flavours, presets,
 Linear layouts), ``_tensors`` (tensor helpers, source conversion), ``_orientation`` (which
 matrix a spectral norm takes), ``_select`` (nested checkpoints), ``_plan`` (the plan of a
 load), ``_models`` (loading and porting), ``_limits``, ``_metadata`` (dualsn's record in a
-file), ``_pdparams`` (the restricted unpickler), ``_reader`` / ``_writer`` (checkpoint files),
-``_describe`` (describing a checkpoint).
+file), ``_pdparams`` and ``_torchfile`` (the file formats), ``_reader`` and ``_writer``
+(checkpoint files), ``_describe`` (describing a checkpoint).
 """
 
 from __future__ import annotations

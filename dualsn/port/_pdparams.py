@@ -1,6 +1,6 @@
-""".pdparams files, read without Paddle and without running anything from the file: a
-restricted unpickler that admits only what ``paddle.save`` writes, and the join of the arrays
-it splits into slices."""
+""".pdparams files, read and written without Paddle (the format is pickle and numpy): a
+restricted unpickler that admits only what ``paddle.save`` writes, so nothing from the file runs,
+the join of the arrays it splits into slices, and what ``paddle.save`` writes for a state dict."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import _compat_pickle
 import collections
 import math
 import pickle
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from dualsn.port._limits import SIZE_SLACK, _brief
 from dualsn.port._metadata import METADATA_ATTRIBUTE
+from dualsn.port._tensors import _to_numpy
 from dualsn.port._types import CheckpointError
 
 
@@ -294,3 +295,14 @@ def _load_pdparams(file, size: int, shown: str) -> dict:
     top.pop(_PARAMETER_NAMES, None)
     _join_slices(top, shown)
     return top
+
+
+def _pdparams_data(state_dict: Mapping[str, Any]) -> collections.OrderedDict:
+    """What ``paddle.save`` writes for ``state_dict``: numpy arrays, plus its parameter-name table."""
+    data = collections.OrderedDict((k, np.array(_to_numpy(v))) for k, v in state_dict.items())
+    data[_PARAMETER_NAMES] = {k: k for k in state_dict}
+    return data
+
+
+def _save_pdparams(data, file) -> None:
+    pickle.dump(data, file, protocol=4)

@@ -5,23 +5,19 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import pickle
 import re
 import secrets
 import stat
-import sys
 import time
 from typing import Any, Mapping
-
-import numpy as np
 
 from dualsn.adapters import FRAMEWORKS, framework_of
 from dualsn.adapters import adapter as _adapter
 from dualsn.port._keys import _check_preset, _join
 from dualsn.port._metadata import METADATA_ATTRIBUTE, METADATA_FORMAT, checkpoint_metadata
 from dualsn.port._models import _sn_dims, presets_of
-from dualsn.port._pdparams import _PARAMETER_NAMES
-from dualsn.port._tensors import _to_numpy
+from dualsn.port._pdparams import _pdparams_data, _save_pdparams
+from dualsn.port._torchfile import _save_torch, _torch_data
 
 
 TEMP_SUFFIX = ".dualsn-tmp"
@@ -83,17 +79,7 @@ def _remove_stale_temps(directory: str, base: str) -> None:
 
 
 def _serializable(state_dict: Mapping[str, Any], framework: str, meta: dict | None) -> collections.OrderedDict:
-    if framework == "torch":
-        import torch
-
-        data = collections.OrderedDict(
-            (k, v.detach().cpu() if type(v).__module__.startswith("torch") else torch.from_numpy(
-                np.array(_to_numpy(v))))
-            for k, v in state_dict.items()
-        )
-    else:
-        data = collections.OrderedDict((k, np.array(_to_numpy(v))) for k, v in state_dict.items())
-        data[_PARAMETER_NAMES] = {k: k for k in state_dict}
+    data = _torch_data(state_dict) if framework == "torch" else _pdparams_data(state_dict)
     if meta is not None:
         setattr(data, METADATA_ATTRIBUTE, meta)
     return data
@@ -119,10 +105,7 @@ def _write_temp(data: dict, framework: str, directory: str, base: str) -> str:
     fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            if framework == "torch":
-                sys.modules["torch"].save(data, f)
-            else:
-                pickle.dump(data, f, protocol=4)
+            (_save_torch if framework == "torch" else _save_pdparams)(data, f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
