@@ -20,7 +20,6 @@ traces: sequence -> [[label, shape, offset], ...]}.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -28,20 +27,10 @@ import sys
 import numpy as np
 
 from conformance import cases as _cases
+from conformance.golden_store import DIRECTORY, REGENERATE, fingerprint, path, trace
 from dualsn import spec
 
 __all__ = ["DIRECTORY", "REGENERATE", "generate", "trace", "path"]
-
-DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-REGENERATE = "regenerate with: python -m conformance.golden --regenerate"
-
-
-def path(preset: str) -> str:
-    return os.path.join(DIRECTORY, f"{preset}.npz")
-
-
-def _fingerprint(case: _cases.Case) -> str:
-    return repr(case)
 
 
 def generate(preset: str) -> dict[str, np.ndarray]:
@@ -66,7 +55,7 @@ def generate(preset: str) -> dict[str, np.ndarray]:
                 chunks[case.dtype].append(value.ravel())
                 sizes[case.dtype] += value.size
             traces[seq] = entries
-        layout[case.id] = {"config": _fingerprint(case), "dtype": case.dtype, "traces": traces}
+        layout[case.id] = {"config": fingerprint(case), "dtype": case.dtype, "traces": traces}
     arrays = {dtype: np.concatenate(parts) if parts else np.zeros(0, dtype) for dtype, parts in chunks.items()}
     arrays["layout"] = np.array(json.dumps(layout))
     return arrays
@@ -76,34 +65,6 @@ def write_all() -> None:
     os.makedirs(DIRECTORY, exist_ok=True)
     for preset in spec.PRESETS:
         np.savez_compressed(path(preset), **generate(preset))
-
-
-@functools.lru_cache(maxsize=None)
-def _load(preset: str):
-    """(layout, {dtype: flat array}) of one preset's file; (None, None) if there is none."""
-    if not os.path.exists(path(preset)):
-        return None, None
-    with np.load(path(preset), allow_pickle=False) as data:
-        layout = json.loads(str(data["layout"]))
-        flats = {dtype: data[dtype] for dtype in ("float32", "float64")}
-    return layout, flats
-
-
-def trace(case_id: str, sequence: str, preset: str):
-    """The stored trace, or None if it is missing or was made for a different case definition
-    (cases the reference does not run under ``preset`` have none)."""
-    layout, flats = _load(preset)
-    entry = None if layout is None else layout.get(case_id)
-    if entry is None or entry["config"] != _fingerprint(_cases.CASES_BY_ID[case_id]):
-        return None
-    if sequence not in entry["traces"]:
-        return None
-    flat = flats[entry["dtype"]]
-    out = []
-    for label, shape, offset in entry["traces"][sequence]:
-        size = int(np.prod(shape, dtype=np.int64))
-        out.append((label, flat[offset : offset + size].reshape(shape)))
-    return out
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import backends
 from backends.base import Unsupported
 from conformance import cases as _cases
+from conformance import golden_store
 from conformance.sequences import PRIMITIVES_USED, SEQUENCES, Session
 from conformance.tolerances import compare
 
@@ -119,11 +120,9 @@ def check(case_id: str, sequence: str, driver: str, preset: str, oracle: str = "
         except Exception:
             return result(FAIL, "the reference failed:\n" + traceback.format_exc(limit=6))
     elif oracle == "golden":
-        from conformance import golden as _golden  # here: `python -m conformance.golden` imports us
-
-        expected = _golden.trace(case_id, sequence, preset)
+        expected = golden_store.trace(case_id, sequence, preset)
         if expected is None:
-            return result(FAIL, f"no golden trace for {case_id}/{sequence}/{preset}; {_golden.REGENERATE}")
+            return result(FAIL, f"no golden trace for {case_id}/{sequence}/{preset}; {golden_store.REGENERATE}")
     else:
         raise ValueError(f"unknown oracle {oracle!r}")
     problems = compare(trace, expected, dtype)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dualsn.adapters import adapter
 from dualsn.examples import sngan
 
 __all__ = ["MissingFramework", "DemoResult", "require_frameworks", "synthetic_batch", "run"]
@@ -114,63 +115,6 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) / (scale if scale > 0 else 1.0)
 
 
-class _Torch:
-    """One torch discriminator with its optimizer: a training step and the layers' sigmas."""
-
-    def __init__(self, lr: float) -> None:
-        import torch
-
-        import dualsn.torch
-
-        self.torch, self.sn = torch, dualsn.torch
-        self.model = sngan.torch_discriminator(compat="torch")
-        self.layers = [n for n, m in self.model.named_modules() if self.sn.is_spectral_norm(m)]
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
-
-    def step(self, real, y_real, fake, y_fake):
-        t = self.torch
-        self.model.train()
-        d_real = self.model(t.from_numpy(real), t.from_numpy(y_real))
-        d_fake = self.model(t.from_numpy(fake), t.from_numpy(y_fake))
-        loss = t.relu(1 - d_real).mean() + t.relu(1 + d_fake).mean()
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        return loss.item(), np.concatenate([d_real.detach().numpy(), d_fake.detach().numpy()])
-
-    def sigmas(self) -> list[float]:
-        modules = dict(self.model.named_modules())
-        return [self.sn.sigma(modules[n]) for n in self.layers]
-
-
-class _Paddle:
-    """The same for Paddle."""
-
-    def __init__(self, lr: float) -> None:
-        import paddle
-
-        import dualsn.paddle
-
-        self.paddle, self.sn = paddle, dualsn.paddle
-        self.model = sngan.paddle_discriminator(compat="torch")
-        self.opt = paddle.optimizer.SGD(learning_rate=lr, parameters=self.model.parameters())
-
-    def step(self, real, y_real, fake, y_fake):
-        p = self.paddle
-        self.model.train()
-        d_real = self.model(p.to_tensor(real), p.to_tensor(y_real))
-        d_fake = self.model(p.to_tensor(fake), p.to_tensor(y_fake))
-        loss = p.nn.functional.relu(1 - d_real).mean() + p.nn.functional.relu(1 + d_fake).mean()
-        self.opt.clear_grad()
-        loss.backward()
-        self.opt.step()
-        return float(loss), np.concatenate([d_real.numpy(), d_fake.numpy()])
-
-    def sigmas(self, names: list[str]) -> list[float]:
-        layers = dict(self.model.named_sublayers(include_self=True))
-        return [self.sn.sigma(layers[n]) for n in names]
-
-
 def run(steps: int = STEPS, torch_steps: int = TORCH_STEPS, batch: int = BATCH, seed: int = SEED,
         rtol: float = RTOL, lr: float = LR, out=None, progress: bool | None = None) -> DemoResult:
     """Run the demo, printing to ``out`` (default stdout) and a progress bar to stderr
@@ -184,7 +128,6 @@ def run(steps: int = STEPS, torch_steps: int = TORCH_STEPS, batch: int = BATCH, 
     from tqdm import tqdm
 
     import dualsn
-    from dualsn import port
 
     out = sys.stdout if out is None else out
 
@@ -192,55 +135,18 @@ def run(steps: int = STEPS, torch_steps: int = TORCH_STEPS, batch: int = BATCH, 
         tqdm.write(text, file=out)
 
     dualsn.manual_seed(seed)  # every layer's u, v from spec.init_uv: no framework RNG involved
-    import torch
-
-    torch.manual_seed(seed)  # the torch layers' initial weights
-    t = _Torch(lr)
+    t = _Side("torch", seed, lr)  # the torch layers' initial weights from the seeded torch RNG
     result = DemoResult(t.layers, rtol)
     rng = np.random.default_rng(seed)
-
-    say(f"dualsn demo: SN-GAN discriminator ({len(t.layers)} spectrally normalized layers, "
-        f"compat='torch'), synthetic {sngan.IMAGE_SIZE}x{sngan.IMAGE_SIZE} data, batch {batch}, "
-        f"hinge loss, SGD lr {lr}, seed {seed}")
-    say("layers: " + ", ".join(f"[{i}] {n}" for i, n in enumerate(t.layers)))
-    sigma_cols = " ".join(f"{f'[{i}]':>6}" for i in range(len(t.layers)))
-    say(f"{'step':>4}  {'phase':<6} {'loss':>8}  sigma: {sigma_cols}  {'out diff':>9} {'sigma diff':>10}")
-
-    def line(step, phase, loss, sigmas, diffs=("", "")):
-        values = " ".join(f"{s:6.4f}" for s in sigmas)
-        say(f"{step:>4}  {phase:<6} {loss:8.5f}         {values}  {diffs[0]:>9} {diffs[1]:>10}".rstrip())
-
+    _header(say, t.layers, batch, lr, seed)
     bar = tqdm(total=torch_steps + steps, desc="demo", unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, leave=False)
     p = None
     try:
         for step in range(1, torch_steps + steps + 1):
             if step == torch_steps + 1:
-                bar.set_description("porting")
-                import paddle
-
-                paddle.seed(seed)
-                p = _Paddle(lr)
-                report = port.torch_to_paddle(t.model, p.model)
-                n_sn = sum(e.sn == "original" for e in report.entries)
-                say(f"-- ported to Paddle (dualsn.port.torch_to_paddle): {len(report.entries)} tensors, "
-                    f"{n_sn} spectral norms with their u, v, {sum(e.transposed for e in report.entries)} "
-                    "transposed; from here both train on the same batches")
-                bar.set_description("lockstep")
-            batch_data = synthetic_batch(rng, batch)
-            loss_t, out_t = t.step(*batch_data)
-            sig_t = t.sigmas()
-            result.sigmas.append(sig_t)
-            if p is None:
-                line(step, "torch", loss_t, sig_t)
-            else:
-                loss_p, out_p = p.step(*batch_data)
-                sig_p = p.sigmas(t.layers)
-                out_diff = _rel_diff(out_t, out_p)
-                sigma_diff = max(abs(a - b) / abs(a) for a, b in zip(sig_t, sig_p))
-                result.out_diff.append(out_diff)
-                result.sigma_diff.append(sigma_diff)
-                line(step, "both", loss_t, sig_t, (f"{out_diff:.2e}", f"{sigma_diff:.2e}"))
+                p = _ported(t, seed, lr, bar, say)
+            _step(step, t, p, synthetic_batch(rng, batch), result, say)
             bar.update()
     finally:
         bar.close()
@@ -249,3 +155,68 @@ def run(steps: int = STEPS, torch_steps: int = TORCH_STEPS, batch: int = BATCH, 
     say(f"result: largest relative difference torch vs Paddle over {steps} lockstep steps: outputs "
         f"{result.max_out_diff:.2e}, sigma {result.max_sigma_diff:.2e} (tolerance {rtol:g}): {verdict}")
     return result
+
+
+class _Side:
+    """One framework's discriminator (:mod:`dualsn.examples.sngan`, ``compat="torch"``) with
+    its trainer, built after seeding that framework's generator with ``seed``."""
+
+    def __init__(self, framework: str, seed: int, lr: float) -> None:
+        self.adapter = adapter(framework)
+        self.adapter.seed(seed)
+        factory = sngan.torch_discriminator if framework == "torch" else sngan.paddle_discriminator
+        self.model = factory(compat="torch")
+        self.layers = self.adapter.sn_layer_names(self.model)
+        self.trainer = self.adapter.HingeTrainer(self.model, lr)
+
+    def step(self, batch_data):
+        return self.trainer.step(*batch_data)
+
+    def sigmas(self, names: list[str]) -> list[float]:
+        return self.adapter.sigmas(self.model, names)
+
+
+def _header(say, layers: list[str], batch: int, lr: float, seed: int) -> None:
+    say(f"dualsn demo: SN-GAN discriminator ({len(layers)} spectrally normalized layers, "
+        f"compat='torch'), synthetic {sngan.IMAGE_SIZE}x{sngan.IMAGE_SIZE} data, batch {batch}, "
+        f"hinge loss, SGD lr {lr}, seed {seed}")
+    say("layers: " + ", ".join(f"[{i}] {n}" for i, n in enumerate(layers)))
+    sigma_cols = " ".join(f"{f'[{i}]':>6}" for i in range(len(layers)))
+    say(f"{'step':>4}  {'phase':<6} {'loss':>8}  sigma: {sigma_cols}  {'out diff':>9} {'sigma diff':>10}")
+
+
+def _line(say, step, phase, loss, sigmas, diffs=("", "")) -> None:
+    values = " ".join(f"{s:6.4f}" for s in sigmas)
+    say(f"{step:>4}  {phase:<6} {loss:8.5f}         {values}  {diffs[0]:>9} {diffs[1]:>10}".rstrip())
+
+
+def _ported(t: _Side, seed: int, lr: float, bar, say) -> _Side:
+    """The Paddle side, built and loaded from the torch one by :func:`dualsn.port.torch_to_paddle`."""
+    from dualsn import port
+
+    bar.set_description("porting")
+    p = _Side("paddle", seed, lr)
+    report = port.torch_to_paddle(t.model, p.model)
+    n_sn = sum(e.sn == "original" for e in report.entries)
+    say(f"-- ported to Paddle (dualsn.port.torch_to_paddle): {len(report.entries)} tensors, "
+        f"{n_sn} spectral norms with their u, v, {sum(e.transposed for e in report.entries)} "
+        "transposed; from here both train on the same batches")
+    bar.set_description("lockstep")
+    return p
+
+
+def _step(step: int, t: _Side, p: _Side | None, batch_data, result: DemoResult, say) -> None:
+    """One training step of the torch side, and of the Paddle side once it exists."""
+    loss_t, out_t = t.step(batch_data)
+    sig_t = t.sigmas(t.layers)
+    result.sigmas.append(sig_t)
+    if p is None:
+        _line(say, step, "torch", loss_t, sig_t)
+        return
+    loss_p, out_p = p.step(batch_data)
+    sig_p = p.sigmas(t.layers)
+    out_diff = _rel_diff(out_t, out_p)
+    sigma_diff = max(abs(a - b) / abs(a) for a, b in zip(sig_t, sig_p))
+    result.out_diff.append(out_diff)
+    result.sigma_diff.append(sigma_diff)
+    _line(say, step, "both", loss_t, sig_t, (f"{out_diff:.2e}", f"{sigma_diff:.2e}"))

@@ -311,11 +311,11 @@ def test_progress_bar_on_a_large_checkpoint_on_a_terminal(tmp_path, capsys, monk
 
     src = save_native(sngan.torch_generator(), tmp_path / "g.pt")
     terminal = Terminal()
-    monkeypatch.setattr(cli, "PROGRESS_MIN_ELEMENTS", 1000)  # the generator has ~70k elements
+    monkeypatch.setattr(cli._port, "PROGRESS_MIN_ELEMENTS", 1000)  # the generator has ~70k elements
     monkeypatch.setattr(sys, "stderr", terminal)
     assert cli.main(["port", src, str(tmp_path / "g.pdparams"), "--model", f"{SNGAN}:paddle_generator"]) == 0
     assert re.search(r"porting: 100%.*\b28/28\b", terminal.getvalue())
-    monkeypatch.setattr(cli, "PROGRESS_MIN_ELEMENTS", 10**9)  # small checkpoints: no bar
+    monkeypatch.setattr(cli._port, "PROGRESS_MIN_ELEMENTS", 10**9)  # small checkpoints: no bar
     terminal.seek(0)
     terminal.truncate()
     assert cli.main(["port", src, str(tmp_path / "g.pdparams"), "--model", f"{SNGAN}:paddle_generator",

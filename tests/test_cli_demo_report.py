@@ -644,7 +644,7 @@ def test_cli_check_skips_drivers_of_missing_frameworks(checkout, monkeypatch, ca
 
 def test_cli_check_needs_the_source_checkout(monkeypatch, capsys):
     assert cli.source_checkout() == ROOT
-    monkeypatch.setattr(cli, "source_checkout", lambda: None)
+    monkeypatch.setattr(cli._check, "source_checkout", lambda: None)
     assert cli.main(["check", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err
 

@@ -32,22 +32,25 @@ With ``coeff`` a layer divides by max(1, sigma / coeff) rather than sigma (see
 min(sigma_exact, coeff) when the estimate is exact; the products use that.
 
 Nothing here changes the model: no power iteration runs on its state. The numbers come from
-numpy copies of W, u and v, so this module imports numpy only; a framework is imported by
-the collector for its own models.
+numpy copies of W, u and v, so this package imports numpy only; the model's framework
+adapter (:mod:`dualsn.adapters`) finds its spectral norms and copies their state.
+
+Layout: this module (the rows, the report, the reference values), ``_conv`` (the convolution
+of one sample as a matrix-free map), ``_plot`` (convergence over power iterations, the plot).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import itertools
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dualsn import spec as _spec
+from dualsn.adapters import adapter, framework_of
+from dualsn.report._conv import ConvShape, _Conv, _Dense
+from dualsn.report._plot import convergence, plot
 
 __all__ = ["LayerSN", "ReportRow", "SNReport", "ConvShape", "report", "collect", "preset_name", "convergence"]
 
@@ -57,149 +60,27 @@ NOTE = (
     "operator norm of the convolution, so there the bound is a heuristic (rows with dim 'conv', "
     "from spectral_norm_conv, use the operator norm)."
 )
+
+
 LANCZOS_NOTE = (
     "~: the explicit convolution matrix is too large for an SVD; the reference is a Lanczos "
     "estimate, a lower bound of the exact operator norm."
 )
+
 
 CONV_SVD_LIMIT = 1_000_000
 """A convolution matrix with at most this many entries (input size x output size) is built
 explicitly and its exact largest singular value taken by SVD; a larger one gets a Lanczos
 estimate."""
 
+
 CONV_LANCZOS_STEPS = 100
 """At most this many Lanczos steps (each one product with M and one with M^H) give the
 reference value of a convolution too large for an SVD; they stop once the largest Ritz value
 of M^H M is within :data:`CONV_LANCZOS_RTOL` (relative) of an eigenvalue."""
 
+
 CONV_LANCZOS_RTOL = 1e-10
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """The convolution of one sample, as ``spectral_norm_conv`` sees it: a linear map M from
-    the input activation space (``input_shape``, channels first) to the output one, no bias.
-    Zero padding of ``pads`` entries before each spatial axis (entries after the input are
-    zeros too; only as many as the kernel reaches are used), then a cross-correlation with
-    ``stride``, ``dilation`` and ``groups``, as both frameworks compute it. Numpy only.
-    """
-
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    pads: tuple[int, ...]
-    groups: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(rows, columns) of M: output entries, input entries."""
-        return int(np.prod(self.output_shape)), int(np.prod(self.input_shape))
-
-    def _windows(self, kernel: tuple[int, ...]):
-        """(kernel offset, slices of the padded input it meets), one per kernel entry, and
-        the padded input's spatial sizes."""
-        padded = []
-        for n, m, s, d, k, p in zip(self.input_shape[1:], self.output_shape[1:], self.stride,
-                                    self.dilation, kernel, self.pads):
-            padded.append(max(p + n, (m - 1) * s + d * (k - 1) + 1))
-        windows = []
-        for offset in itertools.product(*(range(k) for k in kernel)):
-            windows.append((offset, tuple(
-                slice(o * d, o * d + (m - 1) * s + 1, s)
-                for o, d, m, s in zip(offset, self.dilation, self.output_shape[1:], self.stride)
-            )))
-        return windows, padded
-
-    def _grouped(self, weight: np.ndarray) -> np.ndarray:
-        out_c, in_per_group = weight.shape[:2]
-        return weight.reshape(self.groups, out_c // self.groups, in_per_group, *weight.shape[2:])
-
-    def mv(self, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """M x for a batch ``x`` of shape (batch, *input_shape); returns (batch, *output_shape)."""
-        g = self._grouped(weight)
-        windows, padded = self._windows(weight.shape[2:])
-        batch = x.shape[0]
-        xp = np.zeros((batch, *self.input_shape[:1], *padded), np.result_type(x, weight))
-        xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(self.pads, self.input_shape[1:]))] = x
-        xp = xp.reshape(batch, self.groups, -1, *padded)
-        out = 0
-        for offset, window in windows:
-            # one kernel entry: a (out/groups x in/groups) matrix times the input it meets
-            patch = xp[(slice(None),) * 3 + window].reshape(batch, self.groups, g.shape[2], -1)
-            out = out + g[(slice(None),) * 3 + offset] @ patch
-        return out.reshape(batch, *self.output_shape)
-
-    def mhv(self, weight: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """M^H y for a batch ``y`` of shape (batch, *output_shape); returns (batch, *input_shape):
-        the transposed convolution with the conjugate kernel, cropped (the adjoint of M)."""
-        g = self._grouped(weight).conj()
-        windows, padded = self._windows(weight.shape[2:])
-        batch = y.shape[0]
-        yg = y.reshape(batch, self.groups, g.shape[1], -1)
-        xp = np.zeros((batch, self.groups, g.shape[2], *padded), np.result_type(y, weight))
-        spatial = self.output_shape[1:]
-        for offset, window in windows:
-            kernel_entry = np.swapaxes(g[(slice(None),) * 3 + offset], -1, -2)
-            xp[(slice(None),) * 3 + window] += (kernel_entry @ yg).reshape(batch, self.groups, -1, *spatial)
-        crop = tuple(slice(p, p + n) for p, n in zip(self.pads, self.input_shape[1:]))
-        return xp.reshape(batch, -1, *padded)[(slice(None), slice(None)) + crop]
-
-    def matrix(self, weight: np.ndarray) -> np.ndarray:
-        """M explicitly: column j is the convolution of the j-th unit input."""
-        rows, cols = self.size
-        basis = np.eye(cols, dtype=weight.dtype).reshape(cols, *self.input_shape)
-        return self.mv(weight, basis).reshape(cols, rows).T
-
-
-def _conv_shape(geometry) -> ConvShape:
-    """A :class:`ConvShape` from either backend's ``ConvGeometry`` (torch keeps the padding
-    before each axis as ``crop``, Paddle as ``pads`` = (before, after) per axis)."""
-    crop = getattr(geometry, "crop", None)
-    pads = tuple(crop) if crop is not None else tuple(geometry.pads[0::2])
-    return ConvShape(
-        tuple(int(n) for n in geometry.input_shape), tuple(int(n) for n in geometry.output_shape),
-        tuple(int(n) for n in geometry.stride), tuple(int(n) for n in geometry.dilation),
-        tuple(int(n) for n in pads), int(geometry.groups),
-    )
-
-
-class _Dense:
-    """The W-matrix as the linear map of a power iteration."""
-
-    def __init__(self, matrix: np.ndarray) -> None:
-        self.matrix = matrix
-
-    def mv(self, v: np.ndarray) -> np.ndarray:
-        return self.matrix @ v
-
-    def mhv(self, u: np.ndarray) -> np.ndarray:
-        return self.matrix.conj().T @ u
-
-
-class _Conv:
-    """A convolution matrix, matrix-free, on flat vectors."""
-
-    def __init__(self, conv: ConvShape, weight: np.ndarray) -> None:
-        self.conv, self.weight = conv, weight
-
-    def mv(self, v: np.ndarray) -> np.ndarray:
-        return self.conv.mv(self.weight, v.reshape(1, *self.conv.input_shape)).ravel()
-
-    def mhv(self, u: np.ndarray) -> np.ndarray:
-        return self.conv.mhv(self.weight, u.reshape(1, *self.conv.output_shape)).ravel()
-
-
-def _power_step(op, u: np.ndarray, v: np.ndarray, order: str, eps: float):
-    """One power iteration of a single pair in ``order``: :func:`dualsn.reference.power_step` for a
-    linear map given by its products."""
-    if order == "uv":
-        u = _spec.normalize(op.mv(v), eps)
-        v = _spec.normalize(op.mhv(u), eps)
-    else:
-        v = _spec.normalize(op.mhv(u), eps)
-        u = _spec.normalize(op.mv(v), eps)
-    return u, v
 
 
 @dataclass(frozen=True)
@@ -428,10 +309,6 @@ class SNReport:
         plot(self.layers, path, iterations, seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Preset names
-
-
 def preset_name(spec: _spec.Spec) -> str:
     """The :data:`dualsn.spec.PRESETS` name(s) whose algorithm ``spec`` follows (n and eps
     aside). ``torch_legacy`` and ``paddle`` are the same algorithm: both names are given."""
@@ -449,132 +326,27 @@ def preset_name(spec: _spec.Spec) -> str:
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
-# ---------------------------------------------------------------------------------------------
-# Collectors: one per framework, each importing only its own framework.
-
-
 def _wide(array: np.ndarray) -> np.ndarray:
     return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _torch_numpy(tensor) -> np.ndarray:
-    import torch
-
-    tensor = tensor.detach()
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()  # numpy has no bfloat16
-    return _wide(tensor.cpu().resolve_conj().numpy())
-
-
-def _paddle_numpy(tensor) -> np.ndarray:
-    import paddle
-
-    if tensor.dtype in (paddle.bfloat16, paddle.float16):
-        tensor = tensor.astype(paddle.float32)
-    return _wide(np.asarray(tensor.numpy()))
-
-
-def _torch_layers(model) -> list[LayerSN]:
-    import torch
-    from torch.nn.utils import parametrizations, parametrize
-
-    import dualsn.torch as dsn
-
-    legacy = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
-    found = []
-    for prefix, module in model.named_modules():
-        kind = type(module).__name__
-        if parametrize.is_parametrized(module):
-            # Registering a parametrization swaps the class for a subclass "Parametrized<cls>".
-            kind = type(module).__mro__[1].__name__
-            for pname, plist in module.parametrizations.items():
-                # The tensor a spectral norm sees is the output of the parametrizations before it.
-                with torch.no_grad():
-                    x = plist.original if plist.is_tensor else None
-                    for p in plist:
-                        if x is None:  # a first parametrization taking several tensors
-                            x = p(*[getattr(plist, f"original{i}") for i in range(plist.ntensors)])
-                            continue
-                        if isinstance(p, dsn.SpectralNorm):
-                            geometry = getattr(p, "geometry", None)  # SpectralNormConv
-                            found.append(LayerSN(
-                                _join(prefix, pname), kind, "dualsn", preset_name(p.spec), p.dim, p.spec,
-                                _torch_numpy(x),
-                                None if p._u is None else _torch_numpy(p._u),
-                                None if p._v is None else _torch_numpy(p._v),
-                                None if geometry is None else _conv_shape(geometry),
-                            ))
-                        elif isinstance(p, parametrizations._SpectralNorm):
-                            s = _spec.make_spec("torch", p.n_power_iterations, p.eps)
-                            has_uv = x.ndim > 1
-                            found.append(LayerSN(
-                                _join(prefix, pname), kind, "built-in", preset_name(s) + ", built-in",
-                                p.dim if has_uv else 0, s, _torch_numpy(x),
-                                _torch_numpy(p._u) if has_uv else None, _torch_numpy(p._v) if has_uv else None,
-                            ))
-                        else:
-                            x = p(x)
-                            continue
-                        # At most one spectral norm per tensor, and evaluating it could iterate.
-                        break
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, legacy):
-                s = _spec.make_spec("torch_legacy", hook.n_power_iterations, hook.eps)
-                found.append(LayerSN(
-                    _join(prefix, hook.name), kind, "built-in", "torch_legacy, built-in", hook.dim, s,
-                    _torch_numpy(getattr(module, hook.name + "_orig")),
-                    _torch_numpy(getattr(module, hook.name + "_u")),
-                    _torch_numpy(getattr(module, hook.name + "_v")),
-                ))
-    return found
-
-
-def _paddle_layers(model) -> list[LayerSN]:
-    import dualsn.paddle as dsn
-
-    found = []
-    for prefix, layer in model.named_sublayers(include_self=True):
-        kind = type(layer).__name__
-        for hook in layer._forward_pre_hooks.values():
-            if isinstance(hook, dsn.SpectralNormHook):
-                weight, u, v = hook.state(layer)
-                geometry = getattr(hook, "geometry", None)  # SpectralNormConvHook
-                found.append(LayerSN(
-                    _join(prefix, hook.name), kind, "dualsn", preset_name(hook.spec), hook.dim, hook.spec,
-                    _paddle_numpy(weight),
-                    None if u is None else _paddle_numpy(u), None if v is None else _paddle_numpy(v),
-                    None if geometry is None else _conv_shape(geometry),
-                ))
-            elif type(hook).__name__ == "SpectralNorm" and hasattr(hook, "n_power_iterations"):
-                # paddle.nn.utils.spectral_norm's hook: the torch legacy algorithm ("paddle" preset)
-                s = _spec.make_spec("paddle", hook.n_power_iterations, hook.eps)
-                found.append(LayerSN(
-                    _join(prefix, hook.name), kind, "built-in", "paddle, built-in", hook.dim, s,
-                    _paddle_numpy(getattr(layer, hook.name + "_orig")),
-                    _paddle_numpy(getattr(layer, hook.name + "_u")),
-                    _paddle_numpy(getattr(layer, hook.name + "_v")),
-                ))
-    return found
-
-
-def _framework_of(model) -> str:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return "torch"
-    paddle = sys.modules.get("paddle")
-    if paddle is not None and isinstance(model, paddle.nn.Layer):
-        return "paddle"
-    raise TypeError(f"Expected a torch.nn.Module or a paddle.nn.Layer, but got {type(model).__name__}")
 
 
 def collect(model) -> list[LayerSN]:
     """Every spectral norm in ``model`` (a torch module or a Paddle layer), as numpy copies,
     in the order of the model's layers."""
-    return _torch_layers(model) if _framework_of(model) == "torch" else _paddle_layers(model)
+    return [_layer_sn(found) for found in adapter(framework_of(model)).spectral_norms(model)]
+
+
+def _layer_sn(found) -> LayerSN:
+    """A :class:`LayerSN` from what an adapter found (a
+    :class:`dualsn.adapter_common.SpectralNormState`)."""
+    preset = found.label
+    if preset is None:
+        preset = preset_name(found.spec) + (", built-in" if found.kind == "built-in" else "")
+    return LayerSN(
+        found.name, found.layer, found.kind, preset, found.dim, found.spec, _wide(found.weight),
+        None if found.u is None else _wide(found.u), None if found.v is None else _wide(found.v),
+        None if found.conv is None else ConvShape(**found.conv),
+    )
 
 
 def report(model) -> SNReport:
@@ -599,94 +371,4 @@ def report(model) -> SNReport:
         )
         for l in layers
     ]
-    return SNReport(_framework_of(model), rows, layers)
-
-
-# ---------------------------------------------------------------------------------------------
-# Convergence over power iterations, and its plot
-
-
-def convergence(layer: LayerSN, iterations: int, u0=None, v0=None) -> np.ndarray:
-    """sigma estimates u^H W v before and after each of ``iterations`` power iterations in the
-    layer's order (``iterations + 1`` values), from (u0, v0), by default the stored u, v.
-    A 1-D weight normalized exactly has no iteration: its value is constant."""
-    if layer.u is None:
-        return np.full(iterations + 1, layer.sigma())
-    op = layer.operator
-    u = (layer.u if u0 is None else u0).ravel()
-    v = (layer.v if v0 is None else v0).ravel()
-    out = [np.real(np.vdot(u, op.mv(v)))]
-    for _ in range(iterations):
-        u, v = _power_step(op, u, v, layer.spec.order, layer.spec.eps)
-        out.append(np.real(np.vdot(u, op.mv(v))))
-    return np.asarray(out, dtype=np.float64)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError('plotting needs matplotlib: pip install "dualsn[plot]"') from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot(layers: list[LayerSN], path, iterations: int = 30, seed: int = 0) -> None:
-    """Save the convergence plot of ``layers`` (see :meth:`SNReport.plot`) to ``path``.
-
-    One panel per layer: the relative gap (exact - estimate) / exact on a log scale (floored
-    at 1e-16: float64 rounding), after k power iterations from the stored u, v and from a
-    fresh draw. The title gives the exact sigma and the stored estimate.
-    """
-    if not layers:
-        raise ValueError("no spectral norm to plot")
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    cols = min(4, len(layers))
-    rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-    steps = np.arange(iterations + 1)
-    floor = 1e-16
-
-    def gap(estimates, exact):
-        return np.maximum(np.abs(exact - estimates) / exact if exact else np.abs(estimates), floor)
-
-    for ax, layer in zip(axes.flat, layers):
-        exact = layer.sigma_exact()
-        stored = convergence(layer, iterations)
-        ax.semilogy(steps, gap(stored, exact), color="C0", linewidth=2,
-                    label="from the stored u, v (k = 0: the layer's sigma)")
-        if layer.u is not None:
-            h, w = layer.u.size, layer.v.size
-            u0, v0 = _spec.init_uv(h, w, seed, layer.u.dtype, layer.spec.eps)
-            fresh = convergence(layer, iterations, u0, v0)
-            ax.semilogy(steps, gap(fresh, exact), color="C1", marker=".", markersize=3,
-                        label=f"from a fresh draw (seed {seed})")
-            warm = layer.spec.registration_iterations(True)
-            if 0 < warm <= iterations:
-                ax.axvline(warm, color="grey", linestyle=":", linewidth=1,
-                           label="registration iterations (training mode)")
-        shape = "x".join(map(str, layer.weight.shape))
-        ax.set_title(f"{layer.name} ({layer.layer} {shape})\nexact {exact:.5g}, stored estimate {stored[0]:.5g}",
-                     fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("power iterations k", fontsize=7)
-        ax.set_ylabel("|exact - estimate| / exact", fontsize=7)
-        ax.set_ylim(floor / 3, None)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3, which="both")
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
-    handles = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle("sigma estimate u^H W v vs the exact largest singular value (SVD), over power iterations",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return SNReport(framework_of(model), rows, layers)
