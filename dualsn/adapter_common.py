@@ -1,7 +1,7 @@
 """What both backend adapters share (Keras's ``backend/common``): framework-free, numpy only.
 
 * :class:`SpectralNormState`: one spectral norm of a model, as numpy copies: what an
-  adapter's ``spectral_norms`` returns and :mod:`dualsn.report` turns into its rows;
+  adapter's ``spectral_norms`` returns and :mod:`dualsn.diagnostics` turns into its rows;
 * :func:`preset_of_spec`: the preset whose power iteration a :class:`dualsn.spec.Spec` runs;
 * :func:`hook_sn_info` / :func:`hook_sn_preset`: a spectral norm kept as a forward-pre-hook
   (the older torch hook, Paddle's built-in, dualsn's Paddle hooks) read by duck typing;

@@ -22,7 +22,7 @@ FRAMEWORKS = ("torch", "paddle")
 
 def adapter_module(name: str) -> str:
     """The dotted path of the adapter of the framework ``name``."""
-    return f"dualsn.{name}_adapter"
+    return f"dualsn.{name}.adapter"
 
 
 def adapter(name: str):

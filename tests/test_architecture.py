@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "dualsn")
 BACKENDS = ("torch", "paddle")
-CORE = ("spec", "reference", "options", "keys", "layout", "geometry", "patching")
+CORE = ("spec", "reference", "options", "keys", "layout", "geometry", "patching", "diagnostics", "adapter_common")
 TOOLS = ("port", "report", "cli", "demo", "adapters")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 60

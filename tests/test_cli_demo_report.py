@@ -20,7 +20,7 @@ paddle = pytest.importorskip("paddle")
 
 import dualsn.paddle  # noqa: E402
 import dualsn.torch  # noqa: E402
-from dualsn import cli, demo, port, report  # noqa: E402
+from dualsn import cli, demo, diagnostics, port, report  # noqa: E402
 from dualsn.examples import sngan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,7 +330,7 @@ def test_report_conv_operator_norm_and_coeff_paddle():
 def test_report_large_convolution_uses_lanczos(monkeypatch):
     m = lipschitz_torch_model()
     exact = report.report(m).rows[0].sigma_exact
-    monkeypatch.setattr(report, "CONV_SVD_LIMIT", 100)  # every convolution counts as large
+    monkeypatch.setattr(diagnostics, "CONV_SVD_LIMIT", 100)  # every convolution counts as large
     r = report.report(m)
     conv = r.rows[0]
     assert conv.exact_method == "lanczos" and [row.exact_method for row in r.rows[1:]] == ["svd", "svd"]

@@ -46,7 +46,6 @@ from dualsn.paddle._api import (
     normalized_weight,
     patch,
     remove_spectral_norm,
-    report,
     sigma,
     singular_values,
     spectral_norm,
@@ -58,10 +57,11 @@ from dualsn.paddle._matrix import ConvOperator, WeightMatrix
 from dualsn.paddle._plain import plain_path
 from dualsn.paddle._registry import get_spectral_norm, is_spectral_norm
 from dualsn.paddle._sn import SpectralNorm, SpectralNormConv
+from dualsn.paddle.adapter import report
 from dualsn.patching import Patch
 
-# The names from before the two backends were mirrored; not in __all__. SpectralNormHook is
-# used by tools (dualsn/report.py) until adapter.py lands, and by tests.
+# The names from before the two backends were mirrored; not in __all__ (tests and user code
+# written before still use them).
 from dualsn.paddle._sn import SpectralNormConvHook, SpectralNormHook  # noqa: E402,F401  isort: skip
 
 __all__ = [

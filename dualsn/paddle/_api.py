@@ -339,10 +339,3 @@ def patch(compat: str = "torch", **defaults) -> Patch:
     replacement = _builtin_replacement(compat, defaults)
     replacements = [(module, "spectral_norm", replacement) for module in _builtin_homes()]
     return Patch(replacements, {"paddle.nn.utils.spectral_norm": compat})
-
-
-def report(layer):
-    """The per-layer sigma report of ``layer`` (see :func:`dualsn.report.report`); changes nothing."""
-    from dualsn import report as _report
-
-    return _report.report(layer)

@@ -47,7 +47,6 @@ from dualsn.torch._api import (
     normalized_weight,
     patch,
     remove_spectral_norm,
-    report,
     sigma,
     singular_values,
     spectral_norm,
@@ -60,9 +59,7 @@ from dualsn.torch._matrix import ConvGeometry, ConvOperator, WeightMatrix  # noq
 from dualsn.torch._plain import plain_path
 from dualsn.torch._registry import get_spectral_norm, is_spectral_norm
 from dualsn.torch._sn import SpectralNorm, SpectralNormConv
-
-# used by tools until adapter.py lands
-from dualsn.torch._registry import _find, _sn_input  # noqa: F401
+from dualsn.torch.adapter import report
 
 # Pickled modules (torch.save(model)) made before the package split name their rebuild
 # function dualsn.torch._rebuild_parametrized.

@@ -392,16 +392,3 @@ def patch(compat: str | None = None, **defaults) -> Patch:
 
 # ---------------------------------------------------------------------------------------------
 # Diagnostics
-
-
-def report(module: nn.Module):
-    """The per-layer sigma report of ``module`` (a :class:`dualsn.report.SNReport`).
-
-    One row per spectral norm in the module (dualsn's and the torch built-ins): the sigma
-    estimate against the exact largest singular value of the W-matrix (SVD), and products
-    that bound the Lipschitz constant of a plain chain of layers (for convolutions only a
-    heuristic: the reshaped-kernel sigma is not the operator norm). Changes nothing. See
-    :func:`dualsn.report.report`.
-    """
-    from dualsn import report as _report
-    return _report.report(module)

@@ -11,7 +11,7 @@ __all__ = ["convergence", "plot"]
 
 
 def _power_step(op, u: np.ndarray, v: np.ndarray, order: str, eps: float):
-    """One power iteration of a single pair in ``order``: :func:`dualsn.spec.power_step` for a
+    """One power iteration of a single pair in ``order``: :func:`dualsn.reference.power_step` for a
     linear map given by its products."""
     if order == "uv":
         u = _spec.normalize(op.mv(v), eps)

@@ -1,7 +1,7 @@
 """Diagnostics: how good is each layer's sigma estimate, and what does it add up to?
 
-:func:`report` takes a torch ``nn.Module`` or a ``paddle.nn.Layer`` and finds every spectral
-norm in it - dualsn's (any preset) and the built-ins (``torch.nn.utils.parametrizations``,
+:func:`dualsn.report.report` takes a torch ``nn.Module`` or a ``paddle.nn.Layer``, its
+framework's adapter finds every spectral norm in it - dualsn's (any preset) and the built-ins (``torch.nn.utils.parametrizations``,
 the older ``torch.nn.utils.spectral_norm`` hook, ``paddle.nn.utils.spectral_norm``). For each
 it compares the estimate the layer divides by, ``sigma = u^H W v`` with the stored u and v, with
 the exact largest singular value of the W-matrix (numpy SVD, in float64), and it multiplies
@@ -32,8 +32,8 @@ With ``coeff`` a layer divides by max(1, sigma / coeff) rather than sigma (see
 min(sigma_exact, coeff) when the estimate is exact; the products use that.
 
 Nothing here changes the model: no power iteration runs on its state. The numbers come from
-numpy copies of W, u and v, so this package imports numpy only; the model's framework
-adapter (:mod:`dualsn.adapters`) finds its spectral norms and copies their state.
+numpy copies of W, u and v, so this package imports numpy only (and matplotlib to plot):
+the backends' adapters copy the state and call :func:`build_report`.
 
 Layout: this module (the rows, the report, the reference values), ``_conv`` (the convolution
 of one sample as a matrix-free map), ``_plot`` (convergence over power iterations, the plot).
@@ -48,11 +48,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dualsn import spec as _spec
-from dualsn.adapters import adapter, framework_of
-from dualsn.report._conv import ConvShape, _Conv, _Dense
-from dualsn.report._plot import convergence, plot
+from dualsn.diagnostics._conv import ConvShape, _Conv, _Dense
+from dualsn.diagnostics._plot import convergence, plot
 
-__all__ = ["LayerSN", "ReportRow", "SNReport", "ConvShape", "report", "collect", "preset_name", "convergence"]
+__all__ = ["LayerSN", "ReportRow", "SNReport", "ConvShape", "build_report", "layers_of", "preset_name", "convergence", "plot"]
 
 NOTE = (
     "Lipschitz bounds assume a plain chain of these layers with 1-Lipschitz activations; for "
@@ -330,12 +329,6 @@ def _wide(array: np.ndarray) -> np.ndarray:
     return array.astype(np.complex128 if np.iscomplexobj(array) else np.float64)
 
 
-def collect(model) -> list[LayerSN]:
-    """Every spectral norm in ``model`` (a torch module or a Paddle layer), as numpy copies,
-    in the order of the model's layers."""
-    return [_layer_sn(found) for found in adapter(framework_of(model)).spectral_norms(model)]
-
-
 def _layer_sn(found) -> LayerSN:
     """A :class:`LayerSN` from what an adapter found (a
     :class:`dualsn.adapter_common.SpectralNormState`)."""
@@ -349,20 +342,15 @@ def _layer_sn(found) -> LayerSN:
     )
 
 
-def report(model) -> SNReport:
-    """The per-layer sigma report of ``model`` (a ``torch.nn.Module`` or ``paddle.nn.Layer``).
+def layers_of(found) -> list[LayerSN]:
+    """:class:`LayerSN` of each spectral norm an adapter's ``spectral_norms`` found."""
+    return [_layer_sn(f) for f in found]
 
-    Each row: the parameter's qualified name, layer type, weight shape, ``dim`` ("conv" for
-    ``spectral_norm_conv``), preset (with ``coeff`` and the other features), the sigma
-    estimate (u^H M v with the stored u, v), the exact largest singular value of M (the
-    W-matrix, or the convolution matrix; SVD, or "~" a Lanczos estimate for a large
-    convolution), their relative error and the normalized norm sigma_exact / divisor (the
-    divisor: sigma, or max(1, sigma / coeff)). The products over the rows give Lipschitz
-    upper bounds that hold for a plain chain of layers only; for convolutions under
-    ``spectral_norm`` the reshaped-kernel sigma is not the convolution's operator norm, so
-    there the "bound" is a heuristic. The model is not changed.
-    """
-    layers = collect(model)
+
+def build_report(framework: str, found) -> SNReport:
+    """The per-layer sigma report of the spectral norms ``found`` in a model of ``framework``
+    (what its adapter's ``spectral_norms`` returns; see :func:`dualsn.report.report`)."""
+    layers = layers_of(found)
     rows = [
         ReportRow(
             l.name, l.layer, tuple(l.weight.shape),
@@ -371,4 +359,4 @@ def report(model) -> SNReport:
         )
         for l in layers
     ]
-    return SNReport(framework_of(model), rows, layers)
+    return SNReport(framework, rows, layers)

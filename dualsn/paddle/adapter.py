@@ -12,7 +12,12 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
+from dualsn import diagnostics as _diagnostics
 from dualsn import spec as _spec
+from dualsn.paddle._api import sigma
+from dualsn.paddle._registry import is_spectral_norm
+from dualsn.paddle._registry import get_spectral_norm
+from dualsn.paddle._sn import SpectralNorm
 from dualsn.adapter_common import (SpectralNormState, conv_geometry, dotted_name, dtype_name, hook_sn_info,
                                    hook_sn_preset, shape_of)
 
@@ -20,6 +25,7 @@ __all__ = [
     "NAME", "is_model", "state", "layers", "layer_kind", "sn_info", "sn_preset", "assign", "refresh", "store_sigma",
     "to_numpy", "is_meta", "missing_data", "dense_numpy", "float_numpy", "spectral_norms", "forward", "seed",
     "sn_layer_names", "sigmas", "HingeTrainer",
+    "report",
 ]
 
 NAME = "paddle"
@@ -102,9 +108,8 @@ def refresh(layer) -> None:
 def store_sigma(layer, name: str, tensor) -> None:
     """Write sigma of the loaded state (u^H M v, no iteration) into ``tensor``, the
     ``<name>_sigma`` buffer of dualsn's spectral norm on ``layer.<name>``."""
-    import dualsn.paddle as dsn
 
-    value = dsn.get_spectral_norm(layer, name).sigma(layer)
+    value = get_spectral_norm(layer, name).sigma(layer)
     tensor.set_value(np.asarray(value).astype(dtype_name(tensor)).reshape(shape_of(tensor)))
 
 
@@ -168,13 +173,12 @@ def _builtin_state(name, kind, hook, layer) -> SpectralNormState:
 
 
 def spectral_norms(model) -> list[SpectralNormState]:
-    import dualsn.paddle as dsn
 
     found = []
     for prefix, layer in model.named_sublayers(include_self=True):
         kind = type(layer).__name__
         for hook in layer._forward_pre_hooks.values():
-            if isinstance(hook, dsn.SpectralNormHook):
+            if isinstance(hook, SpectralNorm):
                 found.append(_dualsn_state(dotted_name(prefix, hook.name), kind, hook, layer))
             elif type(hook).__name__ == "SpectralNorm" and hasattr(hook, "n_power_iterations"):
                 found.append(_builtin_state(dotted_name(prefix, hook.name), kind, hook, layer))
@@ -196,16 +200,14 @@ def seed(value: int) -> None:
 
 
 def sn_layer_names(model) -> list[str]:
-    import dualsn.paddle as dsn
 
-    return [n for n, layer in model.named_sublayers(include_self=True) if dsn.is_spectral_norm(layer)]
+    return [n for n, layer in model.named_sublayers(include_self=True) if is_spectral_norm(layer)]
 
 
 def sigmas(model, names: list[str]) -> list[float]:
-    import dualsn.paddle as dsn
 
     found = dict(model.named_sublayers(include_self=True))
-    return [dsn.sigma(found[n]) for n in names]
+    return [sigma(found[n]) for n in names]
 
 
 class HingeTrainer:
@@ -225,3 +227,9 @@ class HingeTrainer:
         loss.backward()
         self.opt.step()
         return float(loss), np.concatenate([d_real.numpy(), d_fake.numpy()])
+
+
+def report(model):
+    """The per-layer sigma report of ``model``, a :class:`dualsn.diagnostics.SNReport` (see
+    :func:`dualsn.report.report`); changes nothing."""
+    return _diagnostics.build_report(NAME, spectral_norms(model))

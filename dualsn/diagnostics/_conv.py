@@ -1,5 +1,5 @@
 """The convolution of one sample as a matrix-free linear map (numpy only), and the W-matrix as
-one: the operators :class:`dualsn.report.LayerSN` computes its reference values with."""
+one: the operators :class:`dualsn.diagnostics.LayerSN` computes its reference values with."""
 
 from __future__ import annotations
 

@@ -55,7 +55,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dualsn import diagnostics as _diagnostics
 from dualsn import spec as _spec
+from dualsn.torch._api import sigma
+from dualsn.torch._registry import is_spectral_norm
+from dualsn.torch._registry import _find, _sn_input
+from dualsn.torch._sn import SpectralNorm
 from dualsn.adapter_common import (SpectralNormState, conv_geometry, dim_or_none, dotted_name, hook_sn_info,
                                    hook_sn_preset, preset_of_spec)
 
@@ -63,6 +68,7 @@ __all__ = [
     "NAME", "is_model", "state", "layers", "layer_kind", "sn_info", "sn_preset", "assign", "refresh", "store_sigma",
     "to_numpy", "is_meta", "missing_data", "dense_numpy", "float_numpy", "spectral_norms", "forward", "seed",
     "sn_layer_names", "sigmas", "HingeTrainer",
+    "report",
 ]
 
 NAME = "torch"
@@ -149,11 +155,10 @@ def refresh(layer) -> None:
 def store_sigma(layer, name: str, tensor) -> None:
     """Write sigma of the loaded state (u^H M v, no iteration) into ``tensor``, the
     ``_sigma`` buffer of dualsn's spectral norm on ``layer.<name>``."""
-    import dualsn.torch as dsn
 
-    plist, index, sn = dsn._find(layer, name)  # backend-internal
+    plist, index, sn = _find(layer, name)
     with torch.no_grad():
-        tensor.copy_(sn.sigma(dsn._sn_input(plist, index)))  # backend-internal
+        tensor.copy_(sn.sigma(_sn_input(plist, index)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +198,8 @@ def _dualsn_state(name, kind, p, x) -> SpectralNormState:
     geometry = getattr(p, "geometry", None)  # SpectralNormConv
     return SpectralNormState(
         name, kind, "dualsn", p.dim, p.spec, float_numpy(x),
-        None if p._u is None else float_numpy(p._u),  # backend-internal: the stored u, v
-        None if p._v is None else float_numpy(p._v),  # backend-internal
+        None if p._u is None else float_numpy(p._u),  # the stored u, v
+        None if p._v is None else float_numpy(p._v),
         None if geometry is None else conv_geometry(geometry),
     )
 
@@ -210,7 +215,6 @@ def _builtin_state(name, kind, p, x) -> SpectralNormState:
 
 def _parametrized(prefix: str, module, kind: str) -> list[SpectralNormState]:
     """The spectral norms among ``module``'s parametrizations (dualsn's, torch's built-in)."""
-    import dualsn.torch as dsn
     from torch.nn.utils import parametrizations
 
     found = []
@@ -222,7 +226,7 @@ def _parametrized(prefix: str, module, kind: str) -> list[SpectralNormState]:
                 if x is None:  # a first parametrization taking several tensors
                     x = p(*[getattr(plist, f"original{i}") for i in range(plist.ntensors)])
                     continue
-                if isinstance(p, dsn.SpectralNorm):
+                if isinstance(p, SpectralNorm):
                     found.append(_dualsn_state(dotted_name(prefix, pname), kind, p, x))
                 elif isinstance(p, parametrizations._SpectralNorm):
                     found.append(_builtin_state(dotted_name(prefix, pname), kind, p, x))
@@ -280,16 +284,14 @@ def seed(value: int) -> None:
 
 
 def sn_layer_names(model) -> list[str]:
-    import dualsn.torch as dsn
 
-    return [n for n, m in model.named_modules() if dsn.is_spectral_norm(m)]
+    return [n for n, m in model.named_modules() if is_spectral_norm(m)]
 
 
 def sigmas(model, names: list[str]) -> list[float]:
-    import dualsn.torch as dsn
 
     modules = dict(model.named_modules())
-    return [dsn.sigma(modules[n]) for n in names]
+    return [sigma(modules[n]) for n in names]
 
 
 class HingeTrainer:
@@ -308,3 +310,9 @@ class HingeTrainer:
         loss.backward()
         self.opt.step()
         return loss.item(), np.concatenate([d_real.detach().numpy(), d_fake.detach().numpy()])
+
+
+def report(model):
+    """The per-layer sigma report of ``model``, a :class:`dualsn.diagnostics.SNReport` (see
+    :func:`dualsn.report.report`); changes nothing."""
+    return _diagnostics.build_report(NAME, spectral_norms(model))
