@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dualsn import spec as _spec
+from dualsn.spec import DEFAULT_EPS
+
 __all__ = ["SpectralNormState", "preset_of_spec", "hook_sn_info", "hook_sn_preset", "dim_or_none",
            "conv_geometry", "dotted_name", "dtype_name", "shape_of"]
 
@@ -53,12 +56,7 @@ def preset_of_spec(spec, framework: str) -> str:
     """The preset whose power iteration ``spec`` runs: ``"torch"`` (u first), else the legacy
     order (v first), named after the framework (``"torch_legacy"`` in torch, ``"paddle"`` in
     Paddle; the same algorithm). What the state of a port depends on is the update order."""
-    order = getattr(spec, "order", None)
-    if order == "uv":
-        return "torch"
-    if order == "vu":
-        return "torch_legacy" if framework == "torch" else "paddle"
-    return "custom"
+    return _spec.preset_for_order(getattr(spec, "order", None), framework)
 
 
 def dim_or_none(dim) -> int | None:
@@ -74,7 +72,7 @@ def hook_sn_info(layer, name: str):
             eps = getattr(hook, "eps", None)
             if eps is None and hasattr(hook, "spec"):
                 eps = hook.spec.eps
-            return dim_or_none(hook.dim), float(eps if eps is not None else 1e-12)
+            return dim_or_none(hook.dim), float(eps if eps is not None else DEFAULT_EPS)
     return None
 
 

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Mapping
 __all__ = [
     "ORIGINAL",
     "STATE_ROLES",
+    "EXTRA_ROLES",
     "RECOVERY_ROLES",
+    "PARAMETRIZED_PATTERN",
     "FLAVOURS",
     "PARAMETRIZATIONS",
     "buffer_name",
@@ -41,6 +43,9 @@ STATE_ROLES = ("u", "v", "u_extra", "v_extra", "sigma")
 """Spectral-norm state besides W, by role. ``u_extra``/``v_extra`` (``num_svs``) and ``sigma``
 (``track_sigma``) are dualsn's; the built-ins have u and v only."""
 
+EXTRA_ROLES = ("u_extra", "v_extra")
+"""The roles of the extra pairs (``num_svs > 1``): one row per extra pair."""
+
 RECOVERY_ROLES = ("u_recovery", "v_recovery")
 """dualsn.torch's non-persistent buffers (never in a state dict): where u, v restart."""
 
@@ -53,7 +58,7 @@ PARAMETRIZATIONS = "parametrizations"
 
 _HOOK_ORIGINAL = "_orig"
 
-_PARAMETRIZED = re.compile(PARAMETRIZATIONS + r"\.([^.]+)\.(?:" + ORIGINAL + r"|(\d+)\.([^.]+))$")
+PARAMETRIZED_PATTERN = re.compile(PARAMETRIZATIONS + r"\.([^.]+)\.(?:" + ORIGINAL + r"|(\d+)\.([^.]+))$")
 
 # Longest suffixes first: "weight_u_extra" is the u_extra of "weight", not the u of "weight_u_extra".
 _HOOK_SUFFIXES = tuple(sorted(
@@ -112,7 +117,7 @@ def sn_keys(locals_: Mapping[str, str], param: str) -> dict[str, str]:
     if original in locals_:
         found[ORIGINAL] = locals_[original]
         for local, key in locals_.items():
-            m = _PARAMETRIZED.match(local)
+            m = PARAMETRIZED_PATTERN.match(local)
             if m and m.group(1) == param and m.group(3) and m.group(3)[1:] in STATE_ROLES:
                 found[m.group(3)[1:]] = key
     elif hook_key(param) in locals_:
@@ -125,7 +130,7 @@ def sn_keys(locals_: Mapping[str, str], param: str) -> dict[str, str]:
 
 def sn_param_of(local: str, locals_: Mapping[str, str]) -> tuple[str, str] | None:
     """(param, role) when ``local`` is spectral-norm state in a layer, else None."""
-    m = _PARAMETRIZED.match(local)
+    m = PARAMETRIZED_PATTERN.match(local)
     if m:
         if m.group(2) is None:
             return m.group(1), ORIGINAL

@@ -311,11 +311,7 @@ class SNReport:
 def preset_name(spec: _spec.Spec) -> str:
     """The :data:`dualsn.spec.PRESETS` name(s) whose algorithm ``spec`` follows (n and eps
     aside). ``torch_legacy`` and ``paddle`` are the same algorithm: both names are given."""
-    keys = ("order", "warmup_iterations", "registration_forward", "vector_mode")
-    names = [
-        name for name, preset in _spec.PRESETS.items()
-        if all(getattr(preset, k) == getattr(spec, k) for k in keys)
-    ]
+    names = _spec.matching_presets(spec)
     label = "/".join(names) if names else "custom"
     extras = [f"{f}={getattr(spec, f)}" for f in ("coeff", "atol", "rtol") if getattr(spec, f) is not None]
     if spec.num_svs > 1:

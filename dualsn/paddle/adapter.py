@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 
 from dualsn import diagnostics as _diagnostics
+from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.paddle._api import sigma
 from dualsn.paddle._registry import is_spectral_norm
@@ -165,7 +166,7 @@ def _builtin_state(name, kind, hook, layer) -> SpectralNormState:
     s = _spec.make_spec("paddle", hook.n_power_iterations, hook.eps)
     return SpectralNormState(
         name, kind, "built-in", hook.dim, s,
-        float_numpy(getattr(layer, hook.name + "_orig")),
+        float_numpy(getattr(layer, _keys.hook_key(hook.name))),
         float_numpy(getattr(layer, hook.name + "_u")),
         float_numpy(getattr(layer, hook.name + "_v")),
         label="paddle, built-in",

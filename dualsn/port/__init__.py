@@ -74,7 +74,9 @@ from __future__ import annotations
 from dualsn.adapters import FRAMEWORKS, framework_of  # noqa: F401
 from dualsn.adapters import adapter as _adapter  # noqa: F401
 from dualsn.port._describe import CheckpointDescription, SNLayerDescription, describe
-from dualsn.port._keys import FLAVOURS, IN_OUT, OUT_IN, PRESET_NAMES, STATE_ROLES, _split_key  # noqa: F401
+from dualsn.keys import FLAVOURS, STATE_ROLES, split_key as _split_key  # noqa: F401
+from dualsn.layout import IN_OUT, OUT_IN  # noqa: F401
+from dualsn.port._keys import PRESET_NAMES  # noqa: F401
 from dualsn.port._limits import MAX_NESTING, SIZE_SLACK  # noqa: F401
 from dualsn.port._metadata import METADATA_ATTRIBUTE, METADATA_FORMAT, checkpoint_metadata  # noqa: F401
 from dualsn.port._models import load_state_dict, paddle_to_torch, port_model, presets_of, torch_to_paddle

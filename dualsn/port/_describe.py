@@ -9,7 +9,9 @@ from typing import Mapping
 
 import numpy as np
 
-from dualsn.port._keys import _flavour, _group, _inferred_preset, _join, _sn_keys, _sn_param_of
+from dualsn.spec import DEFAULT_EPS
+from dualsn.keys import flavour, group_keys, join_key, sn_keys, sn_param_of
+from dualsn.port._keys import _inferred_preset
 from dualsn.port._metadata import checkpoint_metadata
 from dualsn.port._orientation import ORIENTATION_TOL, _orientation_fits
 from dualsn.port._reader import detect_format, load_checkpoint
@@ -113,11 +115,11 @@ def _infer_dim(w: np.ndarray, u, v) -> tuple[int | None, str]:
         return None, f"unknown: u {list(u.shape)} and v {list(v.shape)} fit no axis of W {list(w.shape)}"
     if len(axes) == 1:
         return axes[0], "from the shapes of u and v"
-    fits = {d: _orientation_fits(w, d, u, v, 1e-12) for d in axes}
+    fits = {d: _orientation_fits(w, d, u, v, DEFAULT_EPS) for d in axes}
     residual = {d: min(f) if f else math.inf for d, f in fits.items()}
     best = min(axes, key=lambda d: residual[d])
     others = [residual[d] for d in axes if d != best]
-    if residual[best] <= ORIENTATION_TOL and all(r > 100 * max(residual[best], 1e-12) for r in others):
+    if residual[best] <= ORIENTATION_TOL and all(r > 100 * max(residual[best], DEFAULT_EPS) for r in others):
         return best, "from u and v (a square W-matrix: the orientation they fit)"
     return axes[0], f"ambiguous: u and v fit dims {axes} alike (a square W-matrix); {axes[0]} assumed"
 
@@ -166,13 +168,13 @@ def describe(checkpoint, *, key: str | None = None, strip_prefix: str | None = N
     recorded = _Recorded((meta_layers or {}).get("presets", {}), (meta_layers or {}).get("dims", {}),
                          (meta or {}).get("version", "?"))
     layers = []
-    for prefix, locals_ in _group(flat).items():
+    for prefix, locals_ in group_keys(flat).items():
         for local, full in locals_.items():
-            sn = _sn_param_of(local, locals_)
+            sn = sn_param_of(local, locals_)
             if not sn or sn[1] != "original":
                 continue
-            keys = {"original": full, **{r: k for r, k in _sn_keys(locals_, sn[0]).items() if r != "original"}}
-            layer = _describe_layer(flat, _join(prefix, sn[0]), keys, framework, recorded)
+            keys = {"original": full, **{r: k for r, k in sn_keys(locals_, sn[0]).items() if r != "original"}}
+            layer = _describe_layer(flat, join_key(prefix, sn[0]), keys, framework, recorded)
             if layer is not None:
                 layers.append(layer)
     flavours = {layer.flavour for layer in layers}
@@ -221,5 +223,5 @@ def _describe_layer(flat: dict, name: str, keys: dict[str, str], framework: str,
         sigma = _sigma_of(w, dim, u, v, arrays.get("sigma"))
     except (ValueError, IndexError):
         sigma = None
-    return SNLayerDescription(name, _flavour(full, framework), preset, basis, tuple(w.shape), dim, dim_basis,
+    return SNLayerDescription(name, flavour(full, framework), preset, basis, tuple(w.shape), dim, dim_basis,
                               sigma, keys)

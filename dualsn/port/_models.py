@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from dualsn.adapters import FRAMEWORKS, framework_of
 from dualsn.adapters import adapter as _adapter
-from dualsn.port._keys import _check_preset, _group, _join, _sn_param_of
+from dualsn.keys import group_keys, join_key, sn_param_of
+from dualsn.port._keys import _check_preset
 from dualsn.port._metadata import checkpoint_metadata
 from dualsn.port._plan import _Planner
 from dualsn.port._select import Selection, flatten_state_dict, select_state_dict
@@ -183,10 +184,10 @@ def _sn_params(model):
     """(adapter, layer, layer prefix, parameter name) of every spectral norm in ``model``."""
     adapter = _adapter(framework_of(model))
     layers = adapter.layers(model)
-    for prefix, locals_ in _group(adapter.state(model)).items():
+    for prefix, locals_ in group_keys(adapter.state(model)).items():
         layer = layers.get(prefix)
         for local in locals_:
-            sn = _sn_param_of(local, locals_)
+            sn = sn_param_of(local, locals_)
             if sn and sn[1] == "original" and layer is not None:
                 yield adapter, layer, prefix, sn[0]
 
@@ -201,7 +202,7 @@ def presets_of(model) -> dict[str, str]:
     for adapter, layer, prefix, param in _sn_params(model):
         preset = adapter.sn_preset(layer, param)
         if preset is not None:
-            found[_join(prefix, param)] = preset
+            found[join_key(prefix, param)] = preset
     return found
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dualsn.port._keys import IN_OUT, OUT_IN, _describe_dim
+from dualsn.layout import IN_OUT, OUT_IN
+from dualsn.port._keys import _describe_dim
 
 
 _LAYOUT_TEXT = {OUT_IN: "[out, in]", IN_OUT: "[in, out]"}

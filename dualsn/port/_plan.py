@@ -10,8 +10,10 @@ import numpy as np
 
 from dualsn.adapters import adapter as _adapter
 from dualsn.adapters import framework_of
-from dualsn.port._keys import (_EXTRA_ROLES, _NATIVE_LINEAR, _PARAMETRIZED, _RESHAPED, STATE_ROLES, _algorithm,
-                               _group, _inferred_preset, _join, _rename, _sn_keys, _sn_param_of)
+from dualsn.spec import DEFAULT_EPS, same_algorithm
+from dualsn.keys import EXTRA_ROLES, PARAMETRIZED_PATTERN, STATE_ROLES, group_keys, join_key, sn_keys, sn_param_of
+from dualsn.layout import NATIVE_LINEAR
+from dualsn.port._keys import _RESHAPED, _inferred_preset, _rename
 from dualsn.port._orientation import _dim_mismatch, _orientation_fits, _orientation_problem, _transposed_fits_better
 from dualsn.port._tensors import _degenerate, _dtype_name, _is_tensor, _shape, _source_numpy, _Unloadable
 from dualsn.port._types import Entry, PresetMismatch
@@ -23,7 +25,7 @@ class _Step:
     target: Any  # the live target tensor
     reshape: bool = False  # see _RESHAPED
     synth_from: str | None = None  # u, v (extra rows) of a matrix-mode 1-D norm, from an exact norm's W
-    eps: float = 1e-12
+    eps: float = DEFAULT_EPS
     sigma_of: tuple[Any, str] | None = None  # (layer, param): a _sigma computed after loading
     array: np.ndarray | None = None  # what the write phase copies into ``target``, prepared in the plan
 
@@ -56,8 +58,8 @@ class _Planner:
         self.missing: list[tuple[str, str]] = []  # (key, message)
         self.consumed: set[str] = set()
 
-        source_groups = _group(state_dict)
-        for prefix, t_locals in _group(self.target_state).items():
+        source_groups = group_keys(state_dict)
+        for prefix, t_locals in group_keys(self.target_state).items():
             self._layer(prefix, t_locals, source_groups.get(prefix, {}))
         self.unexpected = [(k, f"unexpected in the source: {k!r}") for k in state_dict if k not in self.consumed]
 
@@ -65,7 +67,7 @@ class _Planner:
         layer = self.layers.get(prefix)
         kind, t_layout = self.adapter.layer_kind(layer) if layer is not None else ("other", None)
         if self.source_layouts is None:
-            s_layout = _NATIVE_LINEAR[self.source]
+            s_layout = NATIVE_LINEAR[self.source]
         else:  # a layer that is no Linear in the source model keeps the target's layout
             s_layout = self.source_layouts.get(prefix, t_layout)
         first = len(self.steps)
@@ -82,16 +84,16 @@ class _Planner:
             self.problems.append(f"{key!r} in the target is a {type(tensor).__name__}, not a tensor")
             return
         shape = _shape(tensor)
-        sn = _sn_param_of(local, t_locals)
+        sn = sn_param_of(local, t_locals)
         info = self.adapter.sn_info(layer, sn[0]) if (sn and layer is not None) else None
-        if sn is not None and info is None and not _PARAMETRIZED.match(local):
+        if sn is not None and info is None and not PARAMETRIZED_PATTERN.match(local):
             sn = None  # a buffer that merely ends in _u / _v / _orig
         param, role = sn if sn else (local, "")
         s_param = _rename(param, kind, self.source, self.target_fw)
         transposed = (kind == "linear" and param == "weight" and role in ("", "original")
                       and t_layout != s_layout and len(shape) == 2)
 
-        s_sn = _sn_keys(s_locals, s_param)
+        s_sn = sn_keys(s_locals, s_param)
         source_key = _source_key(role, s_param, s_locals, s_sn)
         if source_key is None:
             self._no_source(prefix, kind, local, key, tensor, param, s_param, role, info, s_sn)
@@ -124,7 +126,7 @@ class _Planner:
         if role == "original" and info and "original" in s_sn:
             self._compare_presets(prefix, layer, param, s_param, s_sn)
         if role == "original" and info and self.source_dims and (prefix, s_param) in self.source_dims:
-            self._check_dim(_join(prefix, param), kind, layouts, info, self.source_dims[(prefix, s_param)],
+            self._check_dim(join_key(prefix, param), kind, layouts, info, self.source_dims[(prefix, s_param)],
                             transposed)
         note = f"reshaped {list(s_shape)} -> {list(shape)}" if reshape else ""
         entry = Entry(key, source_key, shape, transposed, role, param if role else "", note)
@@ -145,12 +147,12 @@ class _Planner:
         """Record a :class:`PresetMismatch` when the source's spectral norm on this weight ran
         another algorithm than the target's will."""
         target = self.adapter.sn_preset(layer, param)
-        name = _join(prefix, s_param)
+        name = join_key(prefix, s_param)
         u = self.state_dict.get(s_sn["u"]) if "u" in s_sn else None
         u_shape = _shape(u) if _is_tensor(u) else None
         source, basis = self.source_presets.get(name) or _inferred_preset(s_sn["original"], self.source, u_shape)
-        if target is not None and _algorithm(source) != _algorithm(target):
-            self.mismatches.append(PresetMismatch(_join(prefix, param), source, target, basis))
+        if target is not None and not same_algorithm(source, target):
+            self.mismatches.append(PresetMismatch(join_key(prefix, param), source, target, basis))
 
     def _prepared(self, step: _Step, value) -> np.ndarray | None:
         """The array the write phase copies for ``step`` (in the target's layout), or None after
@@ -198,7 +200,7 @@ class _Planner:
                 continue
             fits = _orientation_fits(arrays["original"], info[0], arrays["u"], arrays["v"], info[1])
             if fits is not None and _transposed_fits_better(*fits):
-                self.problems.append(_orientation_problem(_join(prefix, param), kind, layout, info[0], fits))
+                self.problems.append(_orientation_problem(join_key(prefix, param), kind, layout, info[0], fits))
 
     def _no_source(self, prefix, kind, local, key, tensor, param, s_param, role, info, s_sn) -> None:
         """A target tensor with no source tensor: kept, computed, or missing."""
@@ -206,14 +208,14 @@ class _Planner:
         if kind == "batchnorm" and local == "num_batches_tracked" and self.source == "paddle":
             self.steps.append(_Step(Entry(key, None, shape, note="kept: Paddle has no counterpart"), tensor))
             return
-        if role in ("u", "v", *_EXTRA_ROLES) and "original" in s_sn and "u" not in s_sn and info:
+        if role in ("u", "v", *EXTRA_ROLES) and "original" in s_sn and "u" not in s_sn and info:
             # The source normalizes the 1-D weight exactly (no u, v); the target treats it as an
             # (n x 1) matrix: start it at that norm's fixed point u = W / ||W||, v = [1]. The
             # extra pairs' fixed point is zero: an (n x 1) matrix has no second singular value.
             w_key = s_sn["original"]
             w = self.state_dict[w_key]
             n = _shape(w)[0] if _is_tensor(w) and len(_shape(w)) == 1 else None
-            k = shape[0] if role in _EXTRA_ROLES else None  # extra rows: (k, n) and (k, 1)
+            k = shape[0] if role in EXTRA_ROLES else None  # extra rows: (k, n) and (k, 1)
             fits = {"u": (n,), "v": (1,), "u_extra": (k, n), "v_extra": (k, 1)}[role]
             if n is not None and shape == fits and _dtype_name(w) == _dtype_name(tensor):
                 entry = Entry(key, None, shape, sn=role, param=param,
@@ -229,9 +231,9 @@ class _Planner:
             return
         hint = ""
         if role in STATE_ROLES:
-            hint = f" (the source has no spectral-norm state on {_join(prefix, s_param)!r})"
+            hint = f" (the source has no spectral-norm state on {join_key(prefix, s_param)!r})"
         elif role == "" and s_sn:
-            hint = f" (the source has spectral norm on {_join(prefix, s_param)!r}; the target has none)"
+            hint = f" (the source has spectral norm on {join_key(prefix, s_param)!r}; the target has none)"
         self.missing.append((key, f"missing in the source: {key!r}{hint}"))
 
     def _fixed_point(self, step: _Step, w) -> np.ndarray | None:
@@ -242,7 +244,7 @@ class _Planner:
             if not isinstance(e, _Unloadable):
                 self.problems.append(f"{step.synth_from!r} cannot be converted: {type(e).__name__}: {e}")
             return None
-        if step.entry.sn in _EXTRA_ROLES:
+        if step.entry.sn in EXTRA_ROLES:
             return np.zeros(step.entry.shape, dtype=w.dtype)
         if step.entry.sn == "v":
             return np.ones(1, dtype=w.dtype)
@@ -253,11 +255,11 @@ class _Planner:
         for local, s_key in s_locals.items():
             if s_key in self.consumed:
                 continue
-            s_sn = _sn_param_of(local, s_locals)
+            s_sn = sn_param_of(local, s_locals)
             if kind == "batchnorm" and local == "num_batches_tracked" and self.target_fw == "paddle":
                 self.consumed.add(s_key)  # Paddle's BatchNorm has no step counter
             elif s_sn and s_sn[1] in STATE_ROLES:
-                t_sn = _sn_keys(t_locals, _rename(s_sn[0], kind, self.target_fw, self.source))
+                t_sn = sn_keys(t_locals, _rename(s_sn[0], kind, self.target_fw, self.source))
                 if not t_sn:
                     continue  # no spectral norm there in the target: unexpected
                 if s_sn[1] == "sigma":
@@ -281,4 +283,4 @@ def _source_key(role: str, s_param: str, s_locals: dict[str, str], s_sn: dict[st
 def _is_1d_state(role: str, shape: tuple[int, ...]) -> bool:
     """Whether state of ``role`` and ``shape`` can belong to an (n x 1) matrix norm of a 1-D
     weight: u, v are vectors, the extra rows (k, n) and (k, 1) matrices."""
-    return len(shape) == (2 if role in _EXTRA_ROLES else 1)
+    return len(shape) == (2 if role in EXTRA_ROLES else 1)

@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 from dualsn.adapters import adapter as _adapter
 from dualsn.adapters import framework_of
-from dualsn.port._keys import _dotted, _group
+from dualsn.keys import group_keys
+from dualsn.port._keys import _dotted
 from dualsn.port._limits import MAX_NESTING
 from dualsn.port._tensors import _is_tensor
 from dualsn.port._types import CheckpointError
@@ -236,7 +237,7 @@ def select_state_dict(checkpoint: Mapping[str, Any], *, key: str | None = None, 
 
 def _fitting(candidates: list[tuple[str, Mapping]], strip_prefix, target_keys) -> list[Selection]:
     """The candidate mappings that have every layer of the target, as selections."""
-    layers = set(_group(target_keys))
+    layers = set(group_keys(target_keys))
     fitting = []
     for path, mapping in candidates:
         try:
@@ -244,6 +245,6 @@ def _fitting(candidates: list[tuple[str, Mapping]], strip_prefix, target_keys) -
                                         repr(path) if path else "the checkpoint")
         except ValueError:  # CheckpointError included: this candidate cannot be the one
             continue
-        if layers <= set(_group(state)):
+        if layers <= set(group_keys(state)):
             fitting.append(Selection(state, path, stripped))
     return fitting

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from dualsn.adapters import FRAMEWORKS, framework_of
 from dualsn.adapters import adapter as _adapter
-from dualsn.port._keys import _check_preset, _join
+from dualsn.keys import join_key
+from dualsn.port._keys import _check_preset
 from dualsn.port._metadata import METADATA_ATTRIBUTE, METADATA_FORMAT, checkpoint_metadata
 from dualsn.port._models import _sn_dims, presets_of
 from dualsn.port._pdparams import _pdparams_data, _save_pdparams
@@ -205,7 +206,7 @@ def save_checkpoint(
         state_dict = _adapter(framework_of(model)).state(model)  # TypeError for anything else
         if presets is None:
             presets = presets_of(model)
-        dims = {_join(*key): dim for key, dim in _sn_dims(model).items()}
+        dims = {join_key(*key): dim for key, dim in _sn_dims(model).items()}
     elif presets is None:
         recorded = checkpoint_metadata(state_dict)
         presets = recorded.get("presets") if recorded else None

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from dualsn import diagnostics as _diagnostics
+from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.torch._api import sigma
 from dualsn.torch._registry import is_spectral_norm
@@ -247,7 +248,7 @@ def _legacy_hooks(prefix: str, module, kind: str) -> list[SpectralNormState]:
             s = _spec.make_spec("torch_legacy", hook.n_power_iterations, hook.eps)
             found.append(SpectralNormState(
                 dotted_name(prefix, hook.name), kind, "built-in", hook.dim, s,
-                float_numpy(getattr(module, hook.name + "_orig")),
+                float_numpy(getattr(module, _keys.hook_key(hook.name))),
                 float_numpy(getattr(module, hook.name + "_u")),
                 float_numpy(getattr(module, hook.name + "_v")),
                 label="torch_legacy, built-in",
