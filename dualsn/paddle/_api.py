@@ -87,6 +87,7 @@ def spectral_norm(
     _check_is_layer(layer, "spectral_norm")
     weight = _target_weight(layer, name)
     shape = tuple(weight.shape)
+    # Paddle: paddle.nn.Linear's weight is [in, out], so it is a dim-1 class (dualsn.layout).
     dim = _spec.resolve_dim(dim, isinstance(layer, _dim_1_classes()), len(shape))
     exact = spec.is_exact_vector(len(shape))
     if not exact:

@@ -11,6 +11,8 @@ import paddle
 from dualsn.paddle._dtypes import _NUMPY_COMPLEX, _is_complex
 from dualsn.paddle._matrix import _prod
 
+# Paddle: a larger sample than torch's 256 entries: here the contents, not version counters,
+# must catch optimizer steps and set_value (see _EvalCache).
 _FULL_CHECK_SIZE = 1 << 16
 """Weights up to this many entries are compared in full by the eval cache; larger ones by
 a sample (see :func:`_sample_step`)."""
@@ -177,6 +179,7 @@ class _EvalCache(_SigmaRecord):
 
 def _write_sigma_buffer(buffer, sigma) -> None:
     """``sigma`` (a host number) into the ``<name>_sigma`` buffer of ``track_sigma``."""
+    # Paddle: fill_ takes no complex value (torch copy_s its 0-D sigma tensor in).
     if _is_complex(buffer):
         buffer.set_value(np.asarray(sigma, dtype=np.complex128).astype(_NUMPY_COMPLEX[buffer.dtype]))
     else:

@@ -19,6 +19,8 @@ def _is_complex(x) -> bool:
 
 _LOW_PRECISION = tuple(getattr(paddle, name) for name in _spec.LOW_PRECISION_DTYPES)
 
+# Paddle: numpy twins of the dtypes, for host-side sigma (_grad._scaled's overflow check,
+# the complex sigma buffer); torch keeps sigma in a tensor and needs none.
 _NUMPY_REAL = {paddle.float32: np.float32, paddle.float64: np.float64, paddle.complex64: np.float32, paddle.complex128: np.float64}
 _FLOAT_MAX = {dtype: float(np.finfo(real).max) for dtype, real in _NUMPY_REAL.items()}
 _NUMPY_COMPLEX = {paddle.complex64: np.complex64, paddle.complex128: np.complex128}

@@ -89,6 +89,8 @@ def _add_rank_one_(grad, mat: WeightMatrix, u, v, sigma):
     complex one. Runs under no_grad."""
     weight = mat.weight
     # <W_sn, G> = <W, grad>, and the correction is -(<W, grad> / conj(sigma)) u v^H.
+    # Paddle: addmm_ has no complex kernel (CPU: float32, float64), so complex W takes a new
+    # tensor; torch's add_rank1 fuses complex too.
     if mat.complex:
         c = _vdot(weight.flatten(), grad.flatten()).item() / np.conj(sigma)
         left, right = mat.outer_factors(u, v)

@@ -194,6 +194,7 @@ def _forward_sigma(op, vectors, spec: _spec.Spec, do_power_iteration: bool, reco
     sigma, count = None, 0
     if do_power_iteration:
         sigma, count = _training_steps(op, vectors, spec, recovery)
+        # Paddle: the host float is float64; torch's tensor sigma has the weight's precision.
         sigma = _in_precision(sigma, dtype)
     if sigma is None:
         sigma = _sigma_value(op, vectors[0], vectors[1])

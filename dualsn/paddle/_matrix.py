@@ -79,6 +79,8 @@ class WeightMatrix:
             out = paddle.matmul(x.reshape([1, 1, self.h]), self.view).reshape([self.a * self.b])
         return paddle.conj(out) if self.complex else out
 
+    # Paddle: factors, not torch's fused add_rank1: _grad scales the left one itself
+    # (addmm_'s alpha, beta are float32).
     def outer_factors(self, u, v):
         """(left, right) whose (batched) matrix product is u v^H in the view's layout."""
         vh = paddle.conj(v) if self.complex else v
@@ -109,7 +111,9 @@ class ConvGeometry:
                  "output_padding")
 
     def __init__(self, layer, input_shape: tuple[int, ...]) -> None:
+        # Paddle: conv layers keep their settings in private attributes (no public kernel_size).
         spatial = len(layer._kernel_size)
+        # Paddle: layers may be channel-last (data_format); torch's convolutions are channels-first.
         channel_last = layer._data_format in ("NLC", "NHWC", "NDHWC")
         padding = _geometry.padding_pairs(layer._padding, spatial, channel_last)
         dilation = layer._dilation
@@ -150,6 +154,7 @@ class ConvOperator:
     def mhv(self, y):
         """M^T y for ``y`` of ``output_shape``: the transposed convolution, of ``input_shape``."""
         g = self.geometry
+        # Paddle: no conj(W), unlike torch's: complex kernels are refused (no complex convolutions).
         _, conv_t, layout = _CONV_FUNCTIONS[g.spatial]
         x = conv_t(y.unsqueeze(0), self.weight, None, stride=g.stride, padding=0,
                    output_padding=g.output_padding, dilation=g.dilation, groups=g.groups,

@@ -109,6 +109,7 @@ def _plain_step(op, vectors, order: str, eps: float, recovery=(None, None)):
 
 def _store_pairs(vectors, new_us, new_vs) -> None:
     """Write a plain step's vectors into the buffers (their identity is kept)."""
+    # Paddle: paddle.assign, not copy_ as torch: static-graph variables (to_static) have no copy_.
     u, v, extra_u, extra_v = vectors
     paddle.assign(new_us[0], u)
     paddle.assign(new_vs[0], v)
@@ -171,6 +172,8 @@ def _plain_normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_pow
 def _unfused_divisor(sigma, spec: _spec.Spec):
     """``spec.divisor`` on a 0-D tensor, as a select (no host read): sigma (eps where it is
     zero), or with ``coeff`` sigma / coeff where Re(sigma) > coeff and 1 elsewhere."""
+    # Paddle: a select, where torch's plain path branches on the host (spec.divisor): static
+    # graphs have no host values.
     if spec.coeff is None:
         # not sigma == 0: Paddle's float equality holds for |sigma| < 1e-15
         nonzero = paddle.abs(sigma) > 0

@@ -106,6 +106,8 @@ def _state_names(name: str, exact: bool, spec: _spec.Spec, track_sigma: bool) ->
     return names
 
 
+# Paddle: the state goes onto the user's layer as <name>_u, <name>_v, ...: those names must be
+# free (torch's sit inside the parametrization module).
 def _check_free(layer, name: str, names) -> None:
     for attr in names:
         if hasattr(layer, attr):

@@ -31,6 +31,8 @@ def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_ite
             weight.astype(paddle.float32), vectors, dim, spec, do_power_iteration, recovery
         )
         return wide.astype(weight.dtype), sigma, count
+    # Paddle: static graphs (to_static) take the plain path, as the fast one reads norms on the
+    # host; torch's fast path falls back to tensor ops under torch.compile instead.
     if _plain.enabled() or not paddle.in_dynamic_mode():
         return _plain._plain_normalized_weight(weight, vectors, dim, spec, do_power_iteration, recovery)
     if u is None:
@@ -40,6 +42,8 @@ def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_ite
     return _divide(weight, mat, sigma, u, v, spec), sigma, count
 
 
+# Paddle: a forward-pre-hook, as paddle.nn.utils.spectral_norm is (same state-dict keys):
+# Paddle has no parametrize module, which dualsn.torch's SpectralNorm is built on.
 class SpectralNorm:
     """Forward-pre-hook that sets ``layer.<name>`` to the spectrally normalized weight.
 
@@ -91,6 +95,8 @@ class SpectralNorm:
         u, v = buffers.get(_keys.hook_key(self.name, "u")), buffers.get(_keys.hook_key(self.name, "v"))
         if u is None or v is None:
             u, v = getattr(layer, _keys.hook_key(self.name, "u")), getattr(layer, _keys.hook_key(self.name, "v"))
+        # Paddle: u, v are the user's layer's buffers, not the hook's, so a cast is undone here;
+        # torch's SpectralNorm owns them and keeps them float32 in _apply.
         if u.dtype in _LOW_PRECISION:
             # The layer was cast after registration (layer.to, amp.decorate at level O2):
             # u, v go back to float32, the dtype the math runs in (see _compute_dtype).
@@ -127,6 +133,8 @@ class SpectralNorm:
     def _recovery(self, u, v):
         """(u, v) of ``dualsn.spec.recovery_uv`` for this layer's seed, shaped and typed like
         the buffers: where a power-iteration step restarts instead of making them zero."""
+        # Paddle: drawn when first needed and kept on the hook (torch keeps non-persistent buffers);
+        # the key redraws them after a cast or a move.
         key = (u.dtype, str(u.place), tuple(u.shape), tuple(v.shape))
         cached = self._recovery_cache
         if cached is None or cached[0] != key:
@@ -205,6 +213,7 @@ class SpectralNorm:
             not _plain.enabled()
             and not layer.training
             and u is not None
+            # Paddle: no cache in static graphs (no host values), as torch has none under compile.
             and paddle.in_dynamic_mode()
             and not _needs_graph(weight)
         )

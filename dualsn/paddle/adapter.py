@@ -2,7 +2,7 @@
 
 The tools reach it through :func:`dualsn.adapters.adapter` (``adapter("paddle")``) and never
 import paddle or a private name of :mod:`dualsn.paddle` themselves. It mirrors
-``dualsn/torch_adapter.py``: the same public names with the same meaning, listed there; the
+``dualsn/torch/adapter.py``: the same public names with the same meaning, listed there; the
 code differs only where the frameworks do (said where it does). Importing this module imports
 paddle; :mod:`dualsn.paddle` is imported by the functions that need it.
 """
@@ -65,6 +65,7 @@ def _classes(*dotted: str) -> tuple[type, ...]:
 def layer_kind(layer) -> tuple[str, str | None]:
     if isinstance(layer, _classes("nn.Linear")):
         return "linear", "in_out"  # paddle.nn.Linear keeps its weight as [in, out]
+    # Paddle: paddle.compat.nn.Linear keeps torch's [out, in] (not a paddle.nn.Linear subclass).
     if isinstance(layer, _classes("compat.nn.Linear")):
         return "linear", "out_in"
     if isinstance(layer, _classes("nn.Bilinear")):

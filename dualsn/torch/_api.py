@@ -374,6 +374,8 @@ def patch(compat: str | None = None, **defaults) -> Patch:
         >>> is_spectral_norm(layer)
         True
     """
+    # torch: two built-ins, each keeping its own preset by default; Paddle has one, patched with
+    # compat="torch" by default (for code PaConvert converted from torch).
     modern = "torch" if compat is None else compat
     legacy = "torch_legacy" if compat is None else compat
     check_patch_arguments((modern, legacy), defaults)

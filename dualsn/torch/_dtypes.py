@@ -18,6 +18,8 @@ from dualsn import spec as _spec
 # The execution context
 
 
+# torch: .item() would synchronize off the CPU and in compiled code, and fails under vmap,
+# so the fast paths ask first; Paddle's fast path always reads there (dynamic mode only).
 def _no_compiler() -> bool:
     return False
 
@@ -62,6 +64,7 @@ def _no_autocast(device_type: str):
     Spectral norm runs in the weight's own dtype: autocast would cast the batched products
     (bmm, matmul, baddbmm) of the power iteration and of the gradient to reduced precision.
     """
+    # torch: autocast is per device type; Paddle's auto_cast is one switch (its _amp_off).
     if _autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

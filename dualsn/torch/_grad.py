@@ -69,6 +69,8 @@ def _weight_grad_differentiable(grad, weight, u, v, dim: int, spec: _spec.Spec) 
     return grad / d.conj() - (dot * k) * mat.rank1(u, v)
 
 
+# torch: an autograd.Function with the closed-form backward; Paddle's _grad adds the rank-1
+# term with a tensor hook instead (a PyLayer breaks retain_graph: see there).
 class _DivideBySigma(torch.autograd.Function):
     """``W -> W / d`` where d = sigma = u^H W v (or the ``coeff`` soft bound of it), with u, v
     and sigma's value given.

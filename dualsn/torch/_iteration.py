@@ -26,6 +26,7 @@ def _safe_norm(x: torch.Tensor, check_finite: bool = False):
     or Inf (``dualsn.spec.check_finite_sigma``). Elsewhere a host read would synchronize: the
     norm is always taken of x / max|x|, and nothing is checked.
     """
+    # torch: reads the host only where that is free (_reads_host); Paddle's _host_norm always does.
     host = _dtypes._reads_host(x)
     if host:
         norm = torch.linalg.vector_norm(x, 2, 0, True)
@@ -110,6 +111,7 @@ def sigma_from_last(last) -> torch.Tensor | None:
     None after a restart from the recovery vectors: the caller computes u^H M v."""
     if last is None:
         return None
+    # torch: a 0-D tensor (no host read); Paddle's computes sigma from the host float norm.
     norm, denom = last
     return (norm / denom).mul_(norm).view(())
 

@@ -158,6 +158,7 @@ def _target_weight(module: nn.Module, name: str, stackable: bool = False) -> tor
             f"but it has none called name={name!r}"
         )
     weight = getattr(module, name)
+    # torch: lazy modules (nn.LazyLinear, ...); Paddle has no lazy layers.
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(
             f"Parameter {name!r} is uninitialized; run a forward pass of the lazy module "

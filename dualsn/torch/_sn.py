@@ -37,6 +37,8 @@ _STATE_BUFFERS = (_U, _V, _U_EXTRA, _V_EXTRA, _SIGMA, _U_RECOVERY, _V_RECOVERY)
 """The buffers a :class:`SpectralNorm` may hold (all in the compute dtype)."""
 
 
+# torch: a parametrization, as torch's built-in is (same state-dict keys); Paddle has no
+# parametrize, so dualsn.paddle's SpectralNorm is a forward-pre-hook.
 class SpectralNorm(nn.Module):
     """Parametrization ``W -> W / sigma(W)``, registered by :func:`spectral_norm`.
 

@@ -1,7 +1,7 @@
 """The PyTorch adapter: everything the tools (port, report, cli, demo) ask of PyTorch.
 
 The tools reach it through :func:`dualsn.adapters.adapter` (``adapter("torch")``) and never
-import torch or a private name of :mod:`dualsn.torch` themselves. ``dualsn/paddle_adapter.py``
+import torch or a private name of :mod:`dualsn.torch` themselves. ``dualsn/paddle/adapter.py``
 has exactly the same public names, with the same meaning; the code differs only where the
 frameworks do. Importing this module imports torch; :mod:`dualsn.torch` is imported by the
 functions that need it.
