@@ -14,6 +14,9 @@ __all__ = [
     "ArgumentTypeError",
     "DimOutOfRangeError",
     "ParameterNotFoundError",
+    "WeightDtypeError",
+    "parameter_not_found",
+    "check_weight_dtype",
     "require_type",
     "is_int",
     "is_real",
@@ -44,6 +47,28 @@ class ParameterNotFoundError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would show the message as a quoted repr
         return str(self.args[0])
+
+
+class WeightDtypeError(NotImplementedError, TypeError):
+    """A weight that is neither floating point nor complex: torch's functions raise
+    NotImplementedError for an unsupported dtype, Paddle's TypeError."""
+
+
+def parameter_not_found(name: str, owner: str, accepted: str, present) -> ParameterNotFoundError:
+    """The error for a ``name`` that is no ``accepted`` ("parameter", "parameter or buffer")
+    of the layer class ``owner``; ``present`` lists the names it does have."""
+    return ParameterNotFoundError(
+        f"Expected name to be the name of a {accepted} of {owner}, but it has no {accepted} "
+        f"called {name!r} (it has: {list(present)})"
+    )
+
+
+def check_weight_dtype(name: str, dtype, supported: bool) -> None:
+    """:class:`WeightDtypeError` unless the weight's dtype is floating point or complex."""
+    if not supported:
+        raise WeightDtypeError(
+            f"Expected parameter {name!r} to have a floating point or complex dtype, but it is {dtype}"
+        )
 
 
 ORDERS = ("uv", "vu")

@@ -174,7 +174,7 @@ class _EvalCache(_SigmaRecord):
 
 
 # ---------------------------------------------------------------------------------------------
-# The hook.
+# The kept sigma's buffer.
 
 
 def _write_sigma_buffer(buffer, sigma) -> None:

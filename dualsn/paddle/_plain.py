@@ -183,7 +183,7 @@ def _unfused_divisor(sigma, spec: _spec.Spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# The eval cache.
+# The plain path of the convolution operator norm.
 
 
 def _plain_conv_normalized_weight(weight, op, vectors, spec: _spec.Spec, do_power_iteration: bool, recovery):

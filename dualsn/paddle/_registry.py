@@ -10,6 +10,7 @@ import importlib
 import paddle
 
 from dualsn import keys as _keys
+from dualsn import options as _options
 from dualsn import spec as _spec
 from dualsn.paddle._cache import _SigmaRecord
 from dualsn.paddle._dtypes import _compute_dtype, _is_complex, _real_dtype
@@ -28,7 +29,6 @@ def _hooks_on(layer, name: str):
             found.append((hook_id, hook))
     return found
 
-
 def get_spectral_norm(layer, name: str = "weight") -> SpectralNorm | None:
     """The dualsn hook normalizing ``layer.<name>``, or None."""
     for _, hook in _hooks_on(layer, name):
@@ -36,15 +36,11 @@ def get_spectral_norm(layer, name: str = "weight") -> SpectralNorm | None:
             return hook
     return None
 
-
 def is_spectral_norm(layer, name: str = "weight") -> bool:
     """True when dualsn spectral norm is applied to ``layer.<name>``."""
     return get_spectral_norm(layer, name) is not None
 
-
 # ---------------------------------------------------------------------------------------------
-
-
 
 @functools.lru_cache(maxsize=None)
 def _dim_1_classes() -> tuple[type, ...]:
@@ -57,10 +53,6 @@ def _dim_1_classes() -> tuple[type, ...]:
             classes.append(cls)
     return tuple(classes)
 
-
-
-
-
 def _check_is_layer(layer, function: str) -> None:
     """TypeError naming the right function when ``layer`` is not a Paddle layer (a torch
     module would otherwise fail deep inside Paddle)."""
@@ -69,7 +61,6 @@ def _check_is_layer(layer, function: str) -> None:
     cls = type(layer)
     hint = f"; for a torch module use dualsn.torch.{function}" if cls.__module__.startswith("torch") else ""
     raise TypeError(f"Expected layer to be a paddle.nn.Layer, but got {cls.__module__}.{cls.__qualname__}{hint}")
-
 
 def _target_weight(layer, name):
     """The parameter spectral norm would be put on, after the checks both entry points share
@@ -80,19 +71,11 @@ def _target_weight(layer, name):
     weight = layer._parameters.get(name)
     if weight is None:
         # KeyError, as paddle.nn.utils.spectral_norm raises (and a ValueError: see spec)
-        raise _spec.ParameterNotFoundError(
-            f"Expected name to be the name of a parameter of {type(layer).__name__}, but it has "
-            f"no parameter called {name!r} (parameters: {list(layer._parameters)})"
-        )
-    if not (paddle.is_floating_point(weight) or _is_complex(weight)):
-        # Paddle's built-in accepts an integer weight here and fails at the first forward.
-        raise TypeError(
-            f"Expected parameter {name!r} to have a floating point or complex dtype, but it is "
-            f"{weight.dtype}"
-        )
+        raise _options.parameter_not_found(name, type(layer).__name__, "parameter", layer._parameters)
+    # Paddle's built-in accepts an integer weight here and fails at the first forward.
+    _options.check_weight_dtype(name, weight.dtype, paddle.is_floating_point(weight) or _is_complex(weight))
     _spec.check_weight_shape(tuple(weight.shape), name)
     return weight
-
 
 def _state_names(name: str, exact: bool, spec: _spec.Spec, track_sigma: bool) -> list[str]:
     """The layer attributes registration adds (besides ``name`` itself)."""
@@ -105,7 +88,6 @@ def _state_names(name: str, exact: bool, spec: _spec.Spec, track_sigma: bool) ->
         names.append(_keys.hook_key(name, "sigma"))
     return names
 
-
 # Paddle: the state goes onto the user's layer as <name>_u, <name>_v, ...: those names must be
 # free (torch's sit inside the parametrization module).
 def _check_free(layer, name: str, names) -> None:
@@ -115,7 +97,6 @@ def _check_free(layer, name: str, names) -> None:
                 f"Cannot apply spectral_norm to {name!r}: {type(layer).__name__} already has an "
                 f"attribute {attr!r}, which spectral_norm needs for its state"
             )
-
 
 def _register(layer, weight, hook: SpectralNorm, shapes, seed: int | None):
     """Registration proper, once everything is validated: draws u, v of ``shapes`` = (u's
@@ -140,7 +121,6 @@ def _register(layer, weight, hook: SpectralNorm, shapes, seed: int | None):
     _install(layer, weight, hook, vectors, normalized, sigma)
     return layer
 
-
 def _initial_vectors(weight, spec: _spec.Spec, shapes, seed: int | None):
     """(u, v, extra u rows, extra v rows) drawn for ``shapes`` (the extras None without
     ``num_svs > 1``), before the registration iterations."""
@@ -154,7 +134,6 @@ def _initial_vectors(weight, spec: _spec.Spec, shapes, seed: int | None):
     if len(shapes[0]) != 1 or len(shapes[1]) != 1:
         u, v = u.reshape(list(shapes[0])), v.reshape(list(shapes[1]))
     return u, v, u_extra, v_extra
-
 
 def _install(layer, weight, hook: SpectralNorm, vectors, normalized, sigma) -> None:
     """Change the layer: W to ``<name>_orig``, the state buffers, ``<name>`` and the hook."""
@@ -178,7 +157,6 @@ def _install(layer, weight, hook: SpectralNorm, vectors, normalized, sigma) -> N
     setattr(layer, name, normalized)
     layer.register_forward_pre_hook(hook)
 
-
 def _unregister(layer, name: str, hook: SpectralNorm, value) -> None:
     """Undo :func:`_register`: ``<name>`` becomes a fresh trainable Parameter holding
     ``value``, and the hook and all spectral-norm state are removed."""
@@ -198,10 +176,8 @@ def _unregister(layer, name: str, hook: SpectralNorm, value) -> None:
         layer._non_persistable_buffer_names_set.discard(buffer)
     layer.add_parameter(name, param)
 
-
 def _conv_classes() -> tuple[type, ...]:
     return (paddle.nn.Conv1D, paddle.nn.Conv2D, paddle.nn.Conv3D)
-
 
 def _require(layer, name: str, function: str) -> SpectralNorm:
     _check_is_layer(layer, function)

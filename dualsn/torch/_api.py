@@ -390,7 +390,3 @@ def patch(compat: str | None = None, **defaults) -> Patch:
         "torch.nn.utils.spectral_norm": legacy,
     }
     return Patch(replacements, compat_of)
-
-
-# ---------------------------------------------------------------------------------------------
-# Diagnostics

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations as _parametrizations
 from torch.nn.utils import parametrize
 
+from dualsn import options as _options
 from dualsn import spec as _spec
 from dualsn.torch._sn import SpectralNorm
 
@@ -153,10 +154,8 @@ def _target_weight(module: nn.Module, name: str, stackable: bool = False) -> tor
         or parametrize.is_parametrized(module, name)
     )
     if not is_tensor:
-        raise _spec.ParameterNotFoundError(
-            f"Expected name to be a parameter or buffer of {type(module).__name__}, "
-            f"but it has none called name={name!r}"
-        )
+        present = [*module._parameters, *module._buffers]
+        raise _options.parameter_not_found(name, type(module).__name__, "parameter or buffer", present)
     weight = getattr(module, name)
     # torch: lazy modules (nn.LazyLinear, ...); Paddle has no lazy layers.
     if isinstance(weight, nn.parameter.UninitializedParameter):
@@ -164,11 +163,7 @@ def _target_weight(module: nn.Module, name: str, stackable: bool = False) -> tor
             f"Parameter {name!r} is uninitialized; run a forward pass of the lazy module "
             "before applying spectral norm"
         )
-    if not (weight.is_floating_point() or weight.is_complex()):
-        raise NotImplementedError(
-            f"Spectral norm needs a floating-point or complex parameter, but {name!r} has "
-            f"dtype {weight.dtype}"
-        )
+    _options.check_weight_dtype(name, weight.dtype, weight.is_floating_point() or weight.is_complex())
     _spec.check_weight_shape(tuple(weight.shape), name)
     return weight
 
