@@ -13,11 +13,13 @@ from dualsn.paddle._matrix import _prod
 
 # Paddle: a larger sample than torch's 256 entries: here the contents, not version counters,
 # must catch optimizer steps and set_value (see _EvalCache).
-_FULL_CHECK_SIZE = 1 << 16
-"""Weights up to this many entries are compared in full by the eval cache; larger ones by
-a sample (see :func:`_sample_step`)."""
-
 _SAMPLE_BLOCKS, _BLOCK_LENGTH = 16, 256
+
+_FULL_CHECK_SIZE = _SAMPLE_BLOCKS * _BLOCK_LENGTH
+"""Weights up to this many entries (the sample's size) are compared in full by the eval
+cache; larger ones by the sample (see :func:`_sample_step`), so a cache hit reads at most
+4096 entries of W, whatever its size (issue 14: a full compare of a 256 x 256 W cost as much
+as the plain layer's forward)."""
 
 
 def _sample_step(weight) -> int | None:
