@@ -35,7 +35,13 @@ def _inverse(value: float) -> float:
 def _private_view(weight):
     """A view of ``weight`` (no copy) that is a node of its own in the autograd graph, so a
     hook on it sees exactly the gradient flowing through this normalization. (A reshape to
-    the same shape would alias ``weight`` itself, and a hook on it would stay on W.)"""
+    the same shape would alias ``weight`` itself, and a hook on it would stay on W.)
+
+    A matrix is flattened and reshaped back: both backwards pass the gradient on as a view.
+    unsqueeze(0).squeeze(0), which a vector needs (its flat shape is its own), copies the
+    gradient in backward: 1.7 ms of a 1024 x 1024 step (issue 14)."""
+    if len(weight.shape) > 1:
+        return weight.reshape([-1]).reshape(weight.shape)
     return weight.unsqueeze(0).squeeze(0)
 
 
