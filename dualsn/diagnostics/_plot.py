@@ -13,13 +13,16 @@ __all__ = ["convergence", "plot"]
 def _power_step(op, u: np.ndarray, v: np.ndarray, order: str, eps: float):
     """One power iteration of a single pair in ``order``: :func:`dualsn.reference.power_step` for a
     linear map given by its products."""
-    if order == "uv":
-        u = _spec.normalize(op.mv(v), eps)
-        v = _spec.normalize(op.mhv(u), eps)
-    else:
-        v = _spec.normalize(op.mhv(u), eps)
-        u = _spec.normalize(op.mv(v), eps)
-    return u, v
+    pair = {"u": u, "v": v}
+
+    def update_u():
+        pair["u"] = _spec.normalize(op.mv(pair["v"]), eps)
+
+    def update_v():
+        pair["v"] = _spec.normalize(op.mhv(pair["u"]), eps)
+
+    _spec.in_order(order, update_u, update_v)
+    return pair["u"], pair["v"]
 
 
 def convergence(layer, iterations: int, u0=None, v0=None) -> np.ndarray:
