@@ -2,7 +2,6 @@
 
 * :class:`SpectralNormState`: one spectral norm of a model, as numpy copies: what an
   adapter's ``spectral_norms`` returns and :mod:`dualsn.diagnostics` turns into its rows;
-* :func:`preset_of_spec`: the preset whose power iteration a :class:`dualsn.spec.Spec` runs;
 * :func:`hook_sn_info` / :func:`hook_sn_preset`: a spectral norm kept as a forward-pre-hook
   (the older torch hook, Paddle's built-in, dualsn's Paddle hooks) read by duck typing;
 * :func:`conv_geometry`: a backend's convolution geometry as plain ints;
@@ -21,7 +20,7 @@ import numpy as np
 from dualsn import spec as _spec
 from dualsn.spec import DEFAULT_EPS
 
-__all__ = ["SpectralNormState", "preset_of_spec", "hook_sn_info", "hook_sn_preset", "dim_or_none",
+__all__ = ["SpectralNormState", "hook_sn_info", "hook_sn_preset", "dim_or_none",
            "conv_geometry", "dotted_name", "dtype_name", "shape_of"]
 
 
@@ -52,13 +51,6 @@ class SpectralNormState:
     label: str | None = None
 
 
-def preset_of_spec(spec, framework: str) -> str:
-    """The preset whose power iteration ``spec`` runs: ``"torch"`` (u first), else the legacy
-    order (v first), named after the framework (``"torch_legacy"`` in torch, ``"paddle"`` in
-    Paddle; the same algorithm). What the state of a port depends on is the update order."""
-    return _spec.preset_for_order(getattr(spec, "order", None), framework)
-
-
 def dim_or_none(dim) -> int | None:
     """A spectral norm's dim; None for a convolution operator norm, which has no dim."""
     return None if dim is None else int(dim)
@@ -82,19 +74,15 @@ def hook_sn_preset(layer, name: str, builtin: str, framework: str) -> str | None
     for hook in getattr(layer, "_forward_pre_hooks", {}).values():
         if getattr(hook, "name", None) == name and hasattr(hook, "dim"):
             spec = getattr(hook, "spec", None)
-            return builtin if spec is None else preset_of_spec(spec, framework)
+            return builtin if spec is None else _spec.preset_for_order(spec.order, framework)
     return None
 
 
 def conv_geometry(geometry) -> dict:
     """The geometry of a backend's ``ConvGeometry`` as plain ints (the ``conv`` of
-    :class:`SpectralNormState`). Its padding is ``crop`` (the padding before each spatial
-    axis) or ``pads``: the same, or (before, after) per spatial axis."""
-    pads = getattr(geometry, "crop", None)
-    if pads is None:
-        pads = tuple(geometry.pads)
-        if len(pads) == 2 * len(tuple(geometry.stride)):  # (before, after) per axis
-            pads = pads[0::2]
+    :class:`SpectralNormState`). Both backends keep ``pads`` as (before, after) per spatial
+    axis, flat; the state keeps the padding before each axis, where the adjoint's crop starts."""
+    pads = tuple(geometry.pads)[0::2]
     return {"input_shape": _ints(geometry.input_shape), "output_shape": _ints(geometry.output_shape),
             "stride": _ints(geometry.stride), "dilation": _ints(geometry.dilation), "pads": _ints(pads),
             "groups": int(geometry.groups)}

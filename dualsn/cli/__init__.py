@@ -59,8 +59,8 @@ themselves in :func:`build_parser` with an ``add_<name>_parser`` function.
 Layout: this module (the parser and :func:`main`), ``_common`` (exit codes, errors, importing
 factories), ``_checkpoints`` (reading and loading checkpoints), ``_inputs`` (``--input`` and
 ``--check``), and one module per subcommand: ``_port``, ``_demo``, ``_report``, ``_check``.
-The names re-exported here are read-only copies: settings such as
-``_port.PROGRESS_MIN_ELEMENTS`` are read where they are defined.
+The names re-exported here are read-only copies: a setting such as
+``_port.PROGRESS_MIN_ELEMENTS`` is read (and patched) where it is defined.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ from dualsn.cli._common import (EXIT_BAD_FORMAT, EXIT_CHECK_FAILED, EXIT_EXISTS,
                                 terminal_text)
 from dualsn.cli._demo import add_demo_parser
 from dualsn.cli._inputs import INPUT_DTYPES, InputSpec, _inputs, parse_input_spec  # noqa: F401
-from dualsn.cli._port import PROGRESS_MIN_ELEMENTS, add_port_parser  # noqa: F401
+from dualsn.cli._port import add_port_parser
 from dualsn.cli._report import add_report_parser
 
 

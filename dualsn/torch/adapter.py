@@ -63,7 +63,7 @@ from dualsn.torch._registry import is_spectral_norm
 from dualsn.torch._registry import _find, _sn_input
 from dualsn.torch._sn import SpectralNorm
 from dualsn.adapter_common import (SpectralNormState, conv_geometry, dim_or_none, dotted_name, hook_sn_info,
-                                   hook_sn_preset, preset_of_spec)
+                                   hook_sn_preset)
 
 __all__ = [
     "NAME", "is_model", "state", "layers", "layer_kind", "sn_info", "sn_preset", "assign", "refresh", "store_sigma",
@@ -132,7 +132,7 @@ def sn_preset(layer, name: str) -> str | None:
     p = _sn_parametrization(layer, name)
     if p is not None:
         spec = getattr(p, "spec", None)  # dualsn's; else the torch built-in
-        return "torch" if spec is None else preset_of_spec(spec, "torch")
+        return "torch" if spec is None else _spec.preset_for_order(spec.order, "torch")
     return hook_sn_preset(layer, name, "torch_legacy", "torch")
 
 
