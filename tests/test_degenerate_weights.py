@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
 import dualsn  # noqa: E402
+from backends._paddle_common import default_dtype as paddle_dtype  # noqa: E402
 import dualsn.paddle as dp  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
 from dualsn import spec  # noqa: E402
@@ -72,16 +73,6 @@ def on_path(path: str):
         stack.enter_context(dt.plain_path())
         stack.enter_context(dp.plain_path())
     return stack
-
-
-@contextlib.contextmanager
-def paddle_dtype(dtype: str):
-    previous = paddle.get_default_dtype()
-    paddle.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        paddle.set_default_dtype(previous)
 
 
 def rng_array(shape, seed: int, dtype: str = "float64") -> np.ndarray:
