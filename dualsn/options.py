@@ -17,6 +17,7 @@ __all__ = [
     "WeightDtypeError",
     "parameter_not_found",
     "check_weight_dtype",
+    "wrong_model",
     "require_type",
     "is_int",
     "is_real",
@@ -61,6 +62,25 @@ def parameter_not_found(name: str, owner: str, accepted: str, present) -> Parame
         f"Expected name to be the name of a {accepted} of {owner}, but it has no {accepted} "
         f"called {name!r} (it has: {list(present)})"
     )
+
+
+# framework -> (argument name, expected type, what a user calls it)
+_MODEL_KINDS = {
+    "torch": ("module", "a torch.nn.Module", "a torch module"),
+    "paddle": ("layer", "a paddle.nn.Layer", "a Paddle layer"),
+}
+
+
+def wrong_model(framework: str, model, function: str) -> TypeError:
+    """The TypeError for a ``model`` that is not a model of ``framework`` ("torch" or
+    "paddle"), naming the other backend's ``function`` when the model is of that framework."""
+    argument, expected, _ = _MODEL_KINDS[framework]
+    cls = type(model)
+    other = cls.__module__.split(".")[0]
+    hint = ""
+    if other in _MODEL_KINDS and other != framework:
+        hint = f"; for {_MODEL_KINDS[other][2]} use dualsn.{other}.{function}"
+    return TypeError(f"Expected {argument} to be {expected}, but got {cls.__module__}.{cls.__qualname__}{hint}")
 
 
 def check_weight_dtype(name: str, dtype, supported: bool) -> None:

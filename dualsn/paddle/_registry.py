@@ -56,11 +56,8 @@ def _dim_1_classes() -> tuple[type, ...]:
 def _check_is_layer(layer, function: str) -> None:
     """TypeError naming the right function when ``layer`` is not a Paddle layer (a torch
     module would otherwise fail deep inside Paddle)."""
-    if isinstance(layer, paddle.nn.Layer):
-        return
-    cls = type(layer)
-    hint = f"; for a torch module use dualsn.torch.{function}" if cls.__module__.startswith("torch") else ""
-    raise TypeError(f"Expected layer to be a paddle.nn.Layer, but got {cls.__module__}.{cls.__qualname__}{hint}")
+    if not isinstance(layer, paddle.nn.Layer):
+        raise _options.wrong_model("paddle", layer, function)
 
 def _target_weight(layer, name):
     """The parameter spectral norm would be put on, after the checks both entry points share

@@ -115,11 +115,8 @@ def _is_dim_1_layer(module: nn.Module) -> bool:
 
 def _check_is_module(module, function: str) -> None:
     """TypeError naming the right function when ``module`` is not a torch module."""
-    if isinstance(module, nn.Module):
-        return
-    cls = type(module)
-    hint = f"; for a Paddle layer use dualsn.paddle.{function}" if cls.__module__.startswith("paddle") else ""
-    raise TypeError(f"Expected module to be a torch.nn.Module, but got {cls.__module__}.{cls.__qualname__}{hint}")
+    if not isinstance(module, nn.Module):
+        raise _options.wrong_model("torch", module, function)
 
 
 def _require(module: nn.Module, name: str, function: str):
