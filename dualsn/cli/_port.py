@@ -10,6 +10,7 @@ import warnings
 from dualsn.cli._checkpoints import (_checkpoint_format, _load_into, _print_mismatches, _print_selection,
                                      _read_checkpoint, add_selection_arguments)
 from dualsn.adapters import framework_of
+from dualsn.spec import PRESETS
 from dualsn.cli._common import (EXIT_CHECK_FAILED, EXIT_EXISTS, EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, EXIT_WRITE,
                                 CLIError, build_model, terminal_text)
 from dualsn.cli._inputs import _check, _input_specs
@@ -50,7 +51,7 @@ def add_port_parser(subparsers) -> None:
     p.add_argument("--strict-presets", action="store_true",
                    help="refuse to load spectral-norm state into a layer whose preset differs from the "
                    "source's (by default a warning)")
-    p.add_argument("--source-preset", choices=("torch", "torch_legacy", "paddle"),
+    p.add_argument("--source-preset", choices=tuple(PRESETS),
                    help="the preset SRC's spectral norms were trained with, when its keys do not tell "
                    "(e.g. a dualsn.paddle model with compat='torch' saved by paddle.save)")
     p.add_argument("--no-strict", dest="strict", action="store_false",

@@ -5,6 +5,7 @@ how a spectral norm's preset is inferred from its keys. The key naming itself is
 from __future__ import annotations
 
 from dualsn.keys import flavour
+from dualsn.spec import PRESETS
 
 # Parameter and buffer names that differ between the frameworks, by layer kind (torch's name
 # -> Paddle's). Torch's names are the canonical ones.
@@ -33,9 +34,10 @@ def _rename(name: str, kind: str, source_fw: str, target_fw: str) -> str:
     return table.get(name, name)
 
 
-PRESET_NAMES = ("torch", "torch_legacy", "paddle")
+PRESET_NAMES = tuple(PRESETS)
 """The presets a spectral norm is labelled with (:data:`dualsn.spec.PRESETS`). ``"torch_legacy"``
-and ``"paddle"`` are the same algorithm: a port between them is no mismatch."""
+and ``"paddle"`` are the same algorithm (:func:`dualsn.spec.same_algorithm`): a port between
+them is no mismatch."""
 
 
 def _check_preset(name, what: str) -> str:
