@@ -852,3 +852,27 @@ def test_eval_cache_under_inference_mode():
     m(x).sum().backward()
     assert x.grad is not None
     np.testing.assert_allclose(np_(cached_weight(m)), expected_eval_weight(m), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("coeff", [None, 0.5, 50.0])
+def test_host_divisor_gives_the_bits_of_the_tensor_select(dtype, coeff):
+    """On the CPU, W / divisor(sigma) divides by spec.divisor of the host number; elsewhere by
+    the tensor select _divisor. Same bits, for sigmas around the bound, zero (floored) and
+    tiny ones; and the normalization of u, v by a host number gives F.normalize's bits."""
+    from dualsn.torch._grad import _divided, _divisor
+    from dualsn.torch._iteration import _normalize_into
+
+    sp = spec.make_spec("torch", coeff=coeff)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(37, 29, generator=gen).to(dtype)
+    sigmas = [0.0, 1e-30, 0.3, 0.5, 0.7, 1.0, 3.7, 49.9, 50.0, 123.456]
+    sigmas += torch.rand(40, generator=gen, dtype=torch.float64).mul(100).tolist()
+    for value in sigmas:
+        sigma = torch.tensor(value, dtype=dtype)
+        assert torch.equal(_divided(weight, sigma, sp), weight / _divisor(sigma, sp)), value
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(53, generator=gen).to(dtype) * scale
+        out = torch.empty_like(x)
+        _normalize_into(x, out, sp.eps)
+        assert torch.equal(out, torch.nn.functional.normalize(x, dim=0, eps=sp.eps))

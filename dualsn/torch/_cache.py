@@ -13,7 +13,7 @@ import torch
 
 from dualsn import keys as _keys
 from dualsn.torch import _dtypes
-from dualsn.torch._grad import _divisor
+from dualsn.torch._grad import _divided
 
 _U, _V = _keys.buffer_name("u"), _keys.buffer_name("v")  # the SN object's u, v buffers
 
@@ -177,6 +177,6 @@ def eval_forward(sn, weight: torch.Tensor):
         # autograd needs a graph from W: reuse sigma only
         return sn._divide_by(weight, cache.sigma), cache.sigma
     with torch.inference_mode(False), torch.no_grad():
-        out = weight / _divisor(cache.sigma, sn.spec)
+        out = _divided(weight, cache.sigma, sn.spec)
     cache.set_output(out)
     return out, cache.sigma

@@ -31,17 +31,28 @@ Every caller looks it up here at call time (``_dtypes._is_compiling()``), so tha
 force the off-CPU paths by replacing this one name."""
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+_BATCH_CHECKS = tuple(
+    getattr(_functorch, name)
+    for name in ("is_batchedtensor", "is_legacy_batchedtensor", "is_functorch_wrapped_tensor")
+    if _functorch is not None and hasattr(_functorch, name)
+)
+"""functorch's tests for a vmap batched or wrapped tensor, those this torch has (looked up once:
+:func:`_reads_host` runs several times per training step)."""
+
+
 def _is_batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is a vmap batched tensor (functorch's, or the legacy one of
     ``autograd.grad(..., is_grads_batched=True)``, which gradcheck uses): ``.item()`` fails on it."""
-    functorch = getattr(torch._C, "_functorch", None)
-    checks = ("is_batchedtensor", "is_legacy_batchedtensor", "is_functorch_wrapped_tensor")
-    return functorch is not None and any(getattr(functorch, c)(t) for c in checks if hasattr(functorch, c))
+    for check in _BATCH_CHECKS:
+        if check(t):
+            return True
+    return False
 
 
 def _reads_host(x: torch.Tensor) -> bool:
     """Whether a scalar of ``x`` can be read on the host for free: CPU, eager, not under vmap."""
-    return x.device.type == "cpu" and not _is_compiling() and not _is_batched(x)
+    return x.is_cpu and not _is_compiling() and not _is_batched(x)
 
 
 # ---------------------------------------------------------------------------------------------

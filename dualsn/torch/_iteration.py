@@ -47,27 +47,33 @@ def _safe_norm(x: torch.Tensor, check_finite: bool = False):
 
 
 def _normalize_into(x: torch.Tensor, out: torch.Tensor, eps: float, recovery: torch.Tensor | None = None):
-    """``out <- x / max(||x||, eps)``, in place; returns ``||x||`` and ``max(||x||, eps)``.
+    """``out <- x / max(||x||, eps)``, in place; returns (``||x||``, ``max(||x||, eps)``,
+    ``||x||`` on the host or None), the first a tensor, the second a number where the third is
+    known and a tensor elsewhere.
 
     The same operations as ``F.normalize(x, dim=0, eps=eps, out=out)``, so the result has
-    the same bits, but the norm is kept: it gives sigma (see :func:`power_iteration_`). An
-    x whose norm has underflowed gives ``recovery`` instead, when given
-    (``dualsn.spec.normalize``); a NaN
-    or Inf norm raises FloatingPointError on the CPU before ``out`` is written.
+    the same bits (on the CPU the divisor is the host number: a division by a Python number
+    gives the bits of one by F.normalize's expanded tensor), but the norm is kept: it gives
+    sigma (see :func:`power_iteration_`). An x whose norm has underflowed gives ``recovery``
+    instead, when given (``dualsn.spec.normalize``); a NaN or Inf norm raises
+    FloatingPointError on the CPU before ``out`` is written.
     """
     norm, value = _safe_norm(x, check_finite=True)
-    denom = norm.clamp_min(eps)
-    tiny = _spec.underflow_threshold(norm.dtype)
-    if recovery is None or value is not None and value >= tiny:
+    if value is not None:
+        if recovery is not None and value < _spec.underflow_threshold(norm.dtype):
+            out.copy_(recovery)  # underflowed (zero included): restart
+            return None  # sigma is no longer r^2 / max(r, eps) (see sigma_from_last)
+        denom = max(value, eps)
         torch.div(x, denom, out=out)
-    elif value is not None:  # underflowed (zero included): restart
-        out.copy_(recovery)
-        return None  # sigma is no longer r^2 / max(r, eps) (see sigma_from_last)
+        return norm, denom, value
+    denom = norm.clamp_min(eps)
+    if recovery is None:
+        torch.div(x, denom, out=out)
     else:
         # Off the CPU the restart is a select, and sigma is still read off the norm (0: the
         # forward divides by eps); only sigma() computes u^H W v.
-        torch.where(norm < tiny, recovery, x / denom, out=out)
-    return norm, denom
+        torch.where(norm < _spec.underflow_threshold(norm.dtype), recovery, x / denom, out=out)
+    return norm, denom, None
 
 
 def _orthogonalize(x: torch.Tensor, basis) -> torch.Tensor:
@@ -112,7 +118,9 @@ def sigma_from_last(last) -> torch.Tensor | None:
     if last is None:
         return None
     # torch: a 0-D tensor (no host read); Paddle's computes sigma from the host float norm.
-    norm, denom = last
+    norm, denom, value = last
+    if value is not None and value == denom:
+        return norm.view(())  # r >= eps, known on the host: r^2 / r is r itself
     return (norm / denom).mul_(norm).view(())
 
 
@@ -129,7 +137,9 @@ def _training_steps(op, vectors, spec: _spec.Spec, recovery=(None, None)):
     def step():
         state["last"] = last = _step(op, *vectors, spec.order, spec.eps, recovery)
         # the estimate is read on the host only where the tolerance stop compares it
-        return None if last is None or not spec.uses_tolerance else last[0].item()
+        if last is None or not spec.uses_tolerance:
+            return None
+        return last[0].item() if last[2] is None else last[2]
 
     count = spec.run_training_iterations(step)
     return sigma_from_last(state["last"]), count

@@ -46,7 +46,8 @@ class WeightMatrix:
         # reshape gives views for contiguous weights (copies only for exotic layouts).
         self.mat = self.blocks = None
         if a == 1:
-            self.mat = weight.reshape(h, b)
+            # a 2-D weight with dim 0 is its own W-matrix: no reshape to dispatch
+            self.mat = weight if weight.ndim == 2 and dim == 0 else weight.reshape(h, b)
         elif b == 1:
             self.mat = weight.reshape(a, h).mT
         else:
@@ -82,8 +83,10 @@ class WeightMatrix:
 
         ``beta``, ``alpha`` are numbers (BLAS scaling factors).
         """
-        vh = v.conj()
+        vh = v.conj() if v.is_complex() else v
         if self.a == 1:
+            if self.mat is not None and grad.shape == self.mat.shape:  # grad is the (h, b) matrix
+                return torch.addr(grad, u, vh, beta=beta, alpha=alpha)
             out = torch.addr(grad.reshape(self.h, self.b), u, vh, beta=beta, alpha=alpha)
         elif self.b == 1:
             # the (a, h) view holds M^T, whose rank-1 term is conj(v) u^T

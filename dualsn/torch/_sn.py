@@ -18,7 +18,7 @@ from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.torch import _cache, _plain
 from dualsn.torch._dtypes import _LOW_PRECISION, _compute_dtype, _no_autocast, _upcast
-from dualsn.torch._grad import _divide, _divisor, _normalize_exact
+from dualsn.torch._grad import _divide, _divided, _divisor, _normalize_exact
 from dualsn.torch._iteration import (
     _exact_sigma,
     _recovery_uv,
@@ -258,7 +258,10 @@ class SpectralNorm(nn.Module):
         b = self._buffers
         if b.get(_U_RECOVERY) is None:
             return None, None
-        return b[_U_RECOVERY].to(like.dtype), b[_V_RECOVERY].to(like.dtype)
+        u, v = b[_U_RECOVERY], b[_V_RECOVERY]
+        if u.dtype == like.dtype:
+            return u, v
+        return u.to(like.dtype), v.to(like.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         try:
@@ -391,7 +394,7 @@ class SpectralNormConv(SpectralNorm):
 
     def _divide_by(self, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and weight.requires_grad):
-            return weight / _divisor(sigma, self.spec)
+            return _divided(weight, sigma, self.spec)
         # sigma = u^H conv(v, W) recorded by autograd (the gradient of W -> W / sigma(W)),
         # from clones of u, v: later forwards update the buffers in place.
         u, v = self._u.reshape(-1).clone(), self._v.reshape(-1).clone()
