@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import dualsn.torch as dt  # noqa: E402
+from dualsn.torch import _cache  # noqa: E402
 from dualsn import spec  # noqa: E402
 from dualsn import reference as numpy_ref  # noqa: E402
 from _numeric import random_array  # noqa: E402
@@ -91,9 +92,11 @@ def test_spectral_norm_forward_is_normalized_weight(training):
 
 
 def _write_one_unsampled_entry(original, u, v):
-    # 1200 entries: the eval cache compares 256 of them, the first and the last included,
-    # and flat entry 1 is not among them; .data bypasses the version counter.
-    original.data.view(-1)[1] += 3.0
+    # 1200 entries: the eval cache compares 256 of them; change one it does not compare,
+    # through .data, which bypasses the version counter.
+    sampled = set(_cache._sample_index(original).tolist())
+    assert len(sampled) == 256 and {0, original.numel() - 1} <= sampled
+    original.data.view(-1)[min(set(range(original.numel())) - sampled)] += 3.0
 
 
 def _write_u(original, u, v):

@@ -17,8 +17,9 @@ from dualsn.torch._grad import _divided
 
 _U, _V = _keys.buffer_name("u"), _keys.buffer_name("v")  # the SN object's u, v buffers
 
-_SAMPLES = 256
-"""Entries of W compared by value on every cache hit (see :class:`_EvalCache`)."""
+_SAMPLE_RUNS, _RUN_LENGTH = 32, 8
+"""Entries of W compared by value on every cache hit (see :class:`_EvalCache`): 32 runs of 8
+consecutive ones, 256 in all."""
 
 
 class _EvalCache:
@@ -30,8 +31,8 @@ class _EvalCache:
       (W's storage is held here, so its address cannot be reused by another tensor);
     * their version counters did not move: every tracked in-place change bumps them
       (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
-    * 256 entries spread over W are unchanged by value: writes through ``.data`` bypass the
-      version counter, and this catches whole-tensor ones such as an EMA of the weights
+    * 256 entries of W (:func:`_sample_index`) are unchanged by value: writes through
+      ``.data`` bypass the version counter, and this catches whole-tensor ones such as an EMA of the weights
       written through ``.data`` (u and v written through ``.data`` while W is not changed are
       not seen: set ``cache_eval = False`` for such code, or call :func:`invalidate_cache`);
     * the returned tensor's own version counter did not move (the caller did not modify it).
@@ -80,18 +81,21 @@ class _EvalCache:
 
 def _sample_index(weight: torch.Tensor) -> torch.Tensor:
     """Where :class:`_EvalCache` and :class:`_SigmaRecord` sample W: every entry of a small W,
-    else 256 evenly spread ones, first and last included (integer arithmetic: exact for any
-    size)."""
+    else 32 runs of 8 consecutive entries (flat order), evenly spread, the first and the last
+    entry included (integer arithmetic: exact for any size). Runs, not 256 single entries:
+    a hit then touches 32 cache lines and pages of W instead of 256, whose misses cost more
+    than the forward of a 2048 x 2048 layer's 10 %."""
     n = weight.numel()
-    if n <= _SAMPLES:
+    if n <= _SAMPLE_RUNS * _RUN_LENGTH:
         return torch.arange(n, device=weight.device)
-    return torch.arange(_SAMPLES, device=weight.device) * (n - 1) // (_SAMPLES - 1)
+    starts = torch.arange(_SAMPLE_RUNS, device=weight.device) * (n - _RUN_LENGTH) // (_SAMPLE_RUNS - 1)
+    return (starts[:, None] + torch.arange(_RUN_LENGTH, device=weight.device)).reshape(-1)
 
 
 class _SigmaRecord:
     """The sigma of the last forward, and what it was computed from: :func:`sigma` returns it
     while it is valid, by the checks of :class:`_EvalCache` (same W, u, v objects, W's
-    storage, version counters, 256 sampled entries of W). Once :func:`sigma` has been read, one
+    storage, version counters, the 256 sampled entries of W). Once :func:`sigma` has been read, one
     is made on every training forward, so it holds no output and costs one small gather."""
 
     __slots__ = ("weight", "u", "v", "storage", "key", "index", "sample", "sigma")
