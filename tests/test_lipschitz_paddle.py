@@ -244,12 +244,19 @@ def test_tolerance_changes_nothing_at_registration():
 
 
 def test_sigma_after_a_forward_needs_no_pass_over_w(monkeypatch):
-    """sigma() returns the last forward's sigma (equal to the reference's u^T W v) without
-    computing anything while W, u, v are unchanged, and recomputes after W changes."""
+    """Once sigma() has been read, it returns the last forward's sigma (equal to the
+    reference's u^T W v) without computing anything while W, u, v are unchanged, and
+    recomputes after W changes. Before the first read, training forwards keep nothing
+    (as in torch): that read computes u^T W v."""
     rng = np.random.default_rng(9)
     w = rng.standard_normal((6, 4))
     layer = dsn.spectral_norm(Holder(w), seed=2)
     ref = reference_for(w, 0, spec.make_spec("torch"), 2)
+    hook = dsn.get_spectral_norm(layer)
+    layer()
+    ref.forward(w, True)
+    assert hook._record is None  # nothing kept until sigma() is read
+    assert dsn.sigma(layer) == pytest.approx(ref.sigma(w), rel=1e-13)  # computed
     layer()
     ref.forward(w, True)
     with monkeypatch.context() as m:

@@ -14,7 +14,10 @@ _COMPLEX_DTYPES = (paddle.complex64, paddle.complex128)
 
 
 def _is_complex(x) -> bool:
-    return x.dtype in _COMPLEX_DTYPES  # paddle.is_complex costs a few microseconds more
+    dtype = x.dtype
+    if dtype is paddle.float32 or dtype is paddle.float64:
+        return False  # the common case, by identity: == on Paddle dtypes costs ~1.5 us
+    return dtype in _COMPLEX_DTYPES  # (paddle.is_complex costs a few microseconds more)
 
 
 _LOW_PRECISION = tuple(getattr(paddle, name) for name in _spec.LOW_PRECISION_DTYPES)

@@ -60,8 +60,9 @@ class SpectralNorm:
     eval forward); with ``spec.num_svs > 1`` the buffers ``<name>_u_extra`` /
     ``<name>_v_extra`` (one row per extra pair) estimate further singular values; with
     ``track_sigma`` the persistable buffer ``<name>_sigma`` holds the last forward's sigma.
-    Without it that sigma is kept on the hook (not in the state dict) and read by
-    :func:`sigma` while W, u and v are unchanged.
+    Without it, once :func:`sigma` has been read, every forward keeps its sigma on the hook
+    (not in the state dict), and :func:`sigma` returns it without a product while W, u and v
+    are unchanged (the first read computes u^H M v).
 
     Called ``SpectralNormHook`` before the backends were mirrored; that name still works.
     """
@@ -76,6 +77,7 @@ class SpectralNorm:
         self.seed: int | None = None  # the registration's seed: recovery_uv draws from it
         self._cache: _EvalCache | None = None
         self._record: _SigmaRecord | None = None
+        self._keep_sigma = False  # set by the first sigma() read: from then on forwards keep a record
         self._recovery_cache = None
 
     def state(self, layer):
@@ -157,6 +159,7 @@ class SpectralNorm:
                 # numpy has no bfloat16: widen in paddle first.
                 wide = weight.astype(paddle.complex128 if _is_complex(weight) else paddle.float64)
                 return max(float(_spec.safe_norm(wide.numpy().ravel())), self.spec.eps)
+            self._keep_sigma = True
             record = self._record
             if record is not None and not _plain.enabled() and paddle.in_dynamic_mode() and record.valid(weight, u, v):
                 return record.sigma
@@ -181,7 +184,9 @@ class SpectralNorm:
         if sigma is None:  # a static graph: no host values
             return
         if u is not None:
-            self._record = None if _plain.enabled() else _SigmaRecord.renewed(self._record, weight, u, v, sigma)
+            keep = self._keep_sigma and not _plain.enabled()
+            # torch keeps a record only once sigma() has been read, too: training forwards stay lean
+            self._record = _SigmaRecord.renewed(self._record, weight, u, v, sigma) if keep else None
         if self.track_sigma:
             self._write_sigma(layer, sigma)
 
@@ -248,7 +253,7 @@ class SpectralNorm:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"seed": None, "_recovery_cache": None, **state})
+        self.__dict__.update({"seed": None, "_recovery_cache": None, "_keep_sigma": False, **state})
 
     def __repr__(self) -> str:
         extra = ", track_sigma=True" if self.track_sigma else ""
