@@ -200,11 +200,14 @@ class SpectralNorm:
         self._record = None
 
     def __call__(self, layer, inputs) -> None:
-        with _amp_off():
-            try:
-                value = self._forward_weight(layer)
-            except FloatingPointError as error:
-                raise FloatingPointError(f"spectral norm of {self.name!r} in {type(layer).__name__}: {error}") from None
+        # A cache hit computes nothing: it needs neither auto_cast off nor the error context.
+        value = self._cache_hit(layer)
+        if value is None:
+            with _amp_off():
+                try:
+                    value = self._forward_weight(layer)
+                except FloatingPointError as error:
+                    raise FloatingPointError(f"spectral norm of {self.name!r} in {type(layer).__name__}: {error}") from None
         if self.name in layer._buffers and paddle.in_dynamic_mode():
             # where Layer.__setattr__ would put it (a non-persistable buffer), without its
             # checks, which cost tens of microseconds in a cold cache
@@ -212,7 +215,24 @@ class SpectralNorm:
         else:
             setattr(layer, self.name, value)
 
+    def _cache_hit(self, layer):
+        """The eval cache's normalized weight when this forward may reuse it: eval, no graph
+        needed, W, u and v unchanged (see :class:`_EvalCache`); else None."""
+        cache = self._cache
+        if cache is None or layer.training or _plain.enabled() or not paddle.in_dynamic_mode():
+            return None
+        weight, u, v = self.state(layer)
+        if _needs_graph(weight):
+            return None
+        value = cache.get(weight, u, v)
+        if value is not None:
+            self.last_iterations = 0
+            if self.track_sigma:
+                self._write_sigma(layer, cache.sigma)
+        return value
+
     def _forward_weight(self, layer):
+        """The normalized weight of a forward that :meth:`_cache_hit` did not serve."""
         weight, u, v = self.state(layer)
         cacheable = (
             not _plain.enabled()
@@ -230,16 +250,8 @@ class SpectralNorm:
         return self._eval_weight(layer, weight, u, v)
 
     def _eval_weight(self, layer, weight, u, v):
-        """An eval forward that needs no graph: the cached normalized weight while W, u, v are
-        unchanged (see :class:`_EvalCache`), else computed and cached."""
+        """An eval forward that needs no graph and missed the cache: computed, and cached."""
         self.last_iterations = 0
-        cache = self._cache
-        if cache is not None:
-            value = cache.get(weight, u, v)
-            if value is not None:
-                if self.track_sigma:
-                    self._write_sigma(layer, cache.sigma)
-                return value
         value, sigma, _ = self._compute(layer, weight, u, v, do_power_iteration=False)
         self._cache = self._record = _EvalCache(weight, u, v, value, sigma)
         if self.track_sigma:
