@@ -223,7 +223,8 @@ def sigma(layer, name: str = "weight") -> float:
 
     It is u^H M v (M: the W-matrix, or the convolution of :func:`spectral_norm_conv`), taken
     from the last forward while W, u and v have not changed since (no pass over W), else
-    computed. For an exact 1-D weight: max(||W||, eps).
+    computed. Forwards keep their sigma only once sigma has been read, so the first read
+    computes it. For an exact 1-D weight: max(||W||, eps).
 
     Example::
 

@@ -103,7 +103,8 @@ def _add_rank_one_(grad, mat: WeightMatrix, u, v, sigma):
         return grad - (_scalar(c, grad) * (left * right)).reshape(mat.shape)
     k = -paddle.matmul(weight.flatten(), grad.flatten()).item() * _inverse(sigma)
     left, right = mat.outer_factors(u, v)
-    update = grad.reshape(mat.view.shape)
+    shape = mat.view.shape
+    update = grad if grad.shape == shape else grad.reshape(shape)  # a Linear's grad is the view's shape
     # unit coefficients: addmm_'s alpha, beta are float32, too coarse for float64 weights;
     # the factor goes into the small left vector (paddle.scale takes a double).
     fused = update.baddbmm_ if mat.kind == "batched" else update.addmm_

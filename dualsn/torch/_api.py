@@ -235,7 +235,8 @@ def sigma(module: nn.Module, name: str = "weight") -> float:
 
     No power iteration runs: it is u^H M v with the current u, v (the W-matrix, or the
     convolution of :func:`spectral_norm_conv`), taken from the last forward when W, u and v
-    have not changed since (free), else computed. For a weight normalized exactly it is
+    have not changed since (free), else computed. Forwards keep their sigma only once sigma
+    has been read, so the first read computes it. For a weight normalized exactly it is
     max(||W||, eps).
 
     Example::
