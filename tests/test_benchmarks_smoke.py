@@ -322,3 +322,34 @@ def test_floor_ops_compute_the_floor(framework, shape, transposed):
     }
     for name, got in out.items():
         np.testing.assert_allclose(got, expected[floor_part(name)], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_versus_imports_a_revision_beside_todays_package(tmp_path, capsys):
+    """benchmarks.versus: the package at a git revision (here HEAD, today's committed code)
+    imports under its own name, computes what today's does for the same seeded layer, and a
+    short run prints the before / after lines."""
+    import torch
+
+    from benchmarks import versus
+
+    try:
+        old = versus.load_revision("HEAD", "torch", tmp_path)
+        assert old.__name__ == "dualsn_HEAD.torch"
+        assert Path(old.__file__).is_relative_to(tmp_path)
+        import dualsn.torch as new
+
+        outputs = []
+        for package in (old, new):
+            torch.manual_seed(0)
+            layer = package.spectral_norm(torch.nn.Linear(6, 5), seed=3)
+            outputs.append(layer(torch.ones(2, 6)).detach())
+        assert torch.equal(outputs[0], outputs[1])
+        assert versus.main(["HEAD", "--rounds", "2", "--calls", "2", "--warmup", "1", "--size", "16"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.split(".")[0] == "dualsn_HEAD"]:
+            del sys.modules[name]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("torch linear_16 train, 2 rounds of 2 calls: plain ")
+    assert out[1].lstrip().startswith("before (HEAD): overhead ") and "/ built-in's" in out[1]
+    assert out[2].lstrip().startswith("after  (working tree): overhead ")
