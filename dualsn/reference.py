@@ -111,14 +111,14 @@ def normalized_weight_grad(
     scale = 1.0 if spec.coeff is None else spec.coeff
     if spec.is_exact_vector(weight.ndim):
         norm = safe_norm(weight)
-        if spec.divisor(max(norm, spec.eps)) == 1.0 and spec.coeff is not None:
+        if spec.bound_inactive(max(norm, spec.eps)):
             return grad
         if norm <= spec.eps:
             return scale * grad / np.asarray(spec.eps, dtype=norm.dtype)
         w_hat = weight / norm
         return scale * (grad - np.vdot(w_hat, grad).real * w_hat) / norm
     s = sigma(to_matrix(weight, dim), u, v)
-    if spec.coeff is not None and spec.divisor(s) == 1.0:
+    if spec.bound_inactive(s):
         return grad
     if spec.sigma_floored(s):
         return grad / np.asarray(spec.eps, dtype=np.real(grad).dtype)  # W / eps: a constant divisor

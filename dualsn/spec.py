@@ -148,7 +148,12 @@ class Spec:
         built-ins keep it (a tiny or negative one of a fresh, un-warmed u, v included)."""
         if self.coeff is None:
             return self.eps if self.sigma_floored(sigma) else sigma
-        return sigma / self.coeff if np.real(sigma) > self.coeff else 1.0
+        return 1.0 if self.bound_inactive(sigma) else sigma / self.coeff
+
+    def bound_inactive(self, sigma) -> bool:
+        """True when ``coeff``'s soft bound leaves the weight as it is: Re(sigma) <= coeff, so
+        the divisor is 1 and the gradient passes unchanged (False without ``coeff``)."""
+        return self.coeff is not None and not np.real(sigma) > self.coeff
 
     def run_training_iterations(self, step) -> int:
         """The power iterations of one training forward, each done by ``step()``, which returns

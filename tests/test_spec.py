@@ -235,6 +235,18 @@ def test_coeff_bounds_the_norm_softly(coeff):
         np.testing.assert_array_equal(w_sn, weight)  # below the bound the weight is untouched
 
 
+def test_bound_inactive_is_where_the_divisor_is_one():
+    """Spec.bound_inactive, the rule the backends' gradients and the reference share:
+    Re(sigma) <= coeff (the divisor is then 1), active from the next number above coeff,
+    never without coeff."""
+    sp = spec.make_spec("torch", coeff=2.0)
+    for sigma, inactive in [(1.0, True), (2.0, True), (-3.0, True), (2.5, False), (1.5 + 9j, True), (2.5 - 1j, False)]:
+        assert sp.bound_inactive(sigma) is inactive
+        assert (sp.divisor(sigma) == 1.0) is inactive
+    assert not sp.bound_inactive(np.nextafter(2.0, 3.0))
+    assert not spec.make_spec("torch").bound_inactive(0.0)
+
+
 @pytest.mark.parametrize("coeff", [0.5, 50.0])
 @pytest.mark.parametrize("shape", [(4, 3), (5,)])
 def test_coeff_gradient_matches_finite_differences(coeff, shape):

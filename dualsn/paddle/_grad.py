@@ -129,7 +129,7 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec):
     """
     if isinstance(sigma, paddle.Tensor):
         sigma = sigma.item()
-    if _bound_inactive(spec, sigma):
+    if spec.bound_inactive(sigma):
         return grad  # the bound is inactive: W_sn = W
     divisor = spec.divisor(sigma)
     with paddle.no_grad():
@@ -187,11 +187,6 @@ def _needs_graph(weight) -> bool:
     return paddle.is_grad_enabled() and not weight.stop_gradient
 
 
-def _bound_inactive(spec: _spec.Spec, sigma) -> bool:
-    """True when ``coeff``'s soft bound leaves the weight as it is (divisor 1, gradient G)."""
-    return spec.coeff is not None and not np.real(sigma) > spec.coeff
-
-
 def _exact_normalized_weight(weight, spec: _spec.Spec, training: bool):
     """W / max(||W||, eps) for an exactly normalized 1-D weight (the ``coeff`` divisor of it);
     (value, sigma, 0)."""
@@ -203,7 +198,7 @@ def _exact_normalized_weight(weight, spec: _spec.Spec, training: bool):
     if not _needs_graph(weight):
         with paddle.no_grad():
             return _scaled(weight, spec.divisor(n0)), n0, 0
-    if _bound_inactive(spec, n0):
+    if spec.bound_inactive(n0):
         return _scaled(weight, 1.0), n0, 0  # W itself: the gradient passes unchanged
     private = _private_view(weight)
     private.register_hook(_VectorGradHook(weight, spec.eps, norm))
@@ -219,7 +214,7 @@ def _divide(weight, op, sigma, u, v, spec: _spec.Spec):
     if not _needs_graph(weight):
         with paddle.no_grad():
             return _scaled(weight, divisor)
-    if _bound_inactive(spec, sigma):
+    if spec.bound_inactive(sigma):
         return _scaled(weight, 1.0)  # W itself: the gradient passes unchanged
     if spec.sigma_floored(sigma):
         return _scaled(weight, divisor)  # W / eps: a constant divisor, gradient G / eps

@@ -47,16 +47,18 @@ def weight_grad(grad, weight, sigma, u, v, dim: int, spec: _spec.Spec) -> torch.
     """
     coeff = spec.coeff
     mat = WeightMatrix(weight, dim)
-    dot = torch.vdot(weight.reshape(-1), grad.reshape(-1))
     if _dtypes._reads_host(grad):
-        # Reading the scalars is free on the CPU, and BLAS then scales while it adds.
-        s_c = sigma.item().conjugate()
-        if coeff is not None and not s_c.real > coeff:
-            return grad  # the bound is inactive: W_sn = W
-        if s_c == 0:
-            return grad / spec.eps  # the floored divisor is a constant
-        d_c = s_c if coeff is None else s_c / coeff
-        return mat.add_rank1(grad, u, v, 1 / d_c, -dot.item() / (d_c * s_c))
+        # Reading the scalars is free on the CPU, BLAS then scales while it adds, and the
+        # pass for <W, G> is skipped where there is no rank-1 term.
+        s = sigma.item()
+        if spec.bound_inactive(s):
+            return grad  # W_sn = W
+        d_c = spec.divisor(s).conjugate()
+        if spec.sigma_floored(s):
+            return grad / d_c  # the floored divisor is a constant
+        dot = torch.vdot(weight.reshape(-1), grad.reshape(-1)).item()
+        return mat.add_rank1(grad, u, v, 1 / d_c, -dot / (d_c * s.conjugate()))
+    dot = torch.vdot(weight.reshape(-1), grad.reshape(-1))
     # Elsewhere (CUDA, compiled code) a .item() would synchronize, and under vmap it fails:
     # keep the scalars in tensors, at the price of a second pass. k = 1 / conj(sigma) where
     # there is a rank-1 term, 0 where there is none (sigma floored, or the bound inactive).
