@@ -346,7 +346,8 @@ def test_versus_imports_a_revision_beside_todays_package(tmp_path, capsys):
         assert torch.equal(outputs[0], outputs[1])
         assert versus.main(["HEAD", "--rounds", "2", "--calls", "2", "--warmup", "1", "--size", "16"]) == 0
     finally:
-        sys.path.remove(str(tmp_path))
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
         for name in [m for m in sys.modules if m.split(".")[0] == "dualsn_HEAD"]:
             del sys.modules[name]
     out = capsys.readouterr().out.splitlines()

