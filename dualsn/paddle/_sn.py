@@ -10,7 +10,7 @@ from dualsn import keys as _keys
 from dualsn import spec as _spec
 from dualsn.paddle import _iteration, _plain
 from dualsn.paddle._cache import _EvalCache, _SigmaRecord, _write_sigma_buffer
-from dualsn.paddle._dtypes import _LOW_PRECISION, _amp_off, _is_complex, _upcast
+from dualsn.paddle._dtypes import _amp_off, _is_complex, _is_low_precision, _upcast
 from dualsn.paddle._grad import _divide, _exact_normalized_weight, _needs_graph
 from dualsn.paddle._matrix import ConvGeometry, ConvOperator, WeightMatrix
 
@@ -24,7 +24,7 @@ def _normalized_weight(weight, vectors, dim: int, spec: _spec.Spec, do_power_ite
     Returns (normalized weight, sigma as a number, power iterations run); sigma is None in a
     static graph (no host values there)."""
     u, v = vectors[0], vectors[1]
-    if weight.dtype in _LOW_PRECISION:
+    if _is_low_precision(weight.dtype):
         # All the math in float32 (u, v are float32 too), the result cast back; autograd
         # carries the gradient through both casts.
         wide, sigma, count = _normalized_weight(
@@ -79,6 +79,12 @@ class SpectralNorm:
         self._record: _SigmaRecord | None = None
         self._keep_sigma = False  # set by the first sigma() read: from then on forwards keep a record
         self._recovery_cache = None
+        self._state_keys = self._keys_of(name)
+
+    @staticmethod
+    def _keys_of(name: str) -> tuple[str, str, str]:
+        """The state's keys (W_orig, u, v), built once: each forward looks them up."""
+        return _keys.hook_key(name), _keys.hook_key(name, "u"), _keys.hook_key(name, "v")
 
     def state(self, layer):
         """(W_orig, u, v) of ``layer``; u, v are None for an exact 1-D weight."""
@@ -88,18 +94,19 @@ class SpectralNorm:
             return tuple(found) if not self.exact else (found[0], None, None)
         # The layer's dicts first: Layer.__getattr__ costs tens of microseconds per call
         # right after a large forward has evicted the caches.
-        weight = layer._parameters.get(_keys.hook_key(self.name))
+        w_key, u_key, v_key = self._state_keys
+        weight = layer._parameters.get(w_key)
         if weight is None:
-            weight = getattr(layer, _keys.hook_key(self.name))
+            weight = getattr(layer, w_key)
         if self.exact:
             return weight, None, None
         buffers = layer._buffers
-        u, v = buffers.get(_keys.hook_key(self.name, "u")), buffers.get(_keys.hook_key(self.name, "v"))
+        u, v = buffers.get(u_key), buffers.get(v_key)
         if u is None or v is None:
-            u, v = getattr(layer, _keys.hook_key(self.name, "u")), getattr(layer, _keys.hook_key(self.name, "v"))
+            u, v = getattr(layer, u_key), getattr(layer, v_key)
         # Paddle: u, v are the user's layer's buffers, not the hook's, so a cast is undone here;
         # torch's SpectralNorm owns them and keeps them float32 in _apply.
-        if u.dtype in _LOW_PRECISION:
+        if _is_low_precision(u.dtype):
             # The layer was cast after registration (layer.to, amp.decorate at level O2):
             # u, v go back to float32, the dtype the math runs in (see _compute_dtype).
             u, v = u.astype(paddle.float32), v.astype(paddle.float32)
@@ -114,7 +121,7 @@ class SpectralNorm:
         pair = [layer._buffers.get(n) for n in names]
         if pair[0] is None or pair[1] is None:
             pair = [getattr(layer, n) for n in names]
-        if pair[0].dtype in _LOW_PRECISION:  # cast with the layer: back to float32, as u, v
+        if _is_low_precision(pair[0].dtype):  # cast with the layer: back to float32, as u, v
             pair = [t.astype(paddle.float32) for t in pair]
             layer._buffers[names[0]], layer._buffers[names[1]] = pair
         return tuple(pair)
@@ -216,15 +223,23 @@ class SpectralNorm:
             setattr(layer, self.name, value)
 
     def _cache_hit(self, layer):
-        """The eval cache's normalized weight when this forward may reuse it: eval, no graph
-        needed, W, u and v unchanged (see :class:`_EvalCache`); else None."""
+        """The eval cache's normalized weight when this forward may reuse it (see
+        :meth:`_may_cache`) and W, u and v are unchanged (see :class:`_EvalCache`); else None.
+
+        The conditions of :meth:`_may_cache` and the lookups of :meth:`state` are written out
+        here: every eval forward runs this, in a CPU cache the layer's own pass has just
+        cleared, where each Python call costs about a microsecond (issue 14). A layer cast
+        after registration has new u, v tensors, so the cache misses before their dtype
+        matters."""
         cache = self._cache
-        if cache is None:
+        if cache is None or layer.training or _plain.ENABLED or not paddle.in_dynamic_mode():
             return None
-        weight, u, v = self.state(layer)
-        if not self._may_cache(layer, weight, u):
+        w_key, u_key, v_key = self._state_keys
+        weight = layer._parameters.get(w_key)
+        if weight is None or (paddle.is_grad_enabled() and not weight.stop_gradient):
             return None
-        value = cache.get(weight, u, v)
+        buffers = layer._buffers
+        value = cache.get(weight, buffers.get(u_key), buffers.get(v_key))
         if value is not None:
             self.last_iterations = 0
             if self.track_sigma:
@@ -270,6 +285,7 @@ class SpectralNorm:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"seed": None, "_recovery_cache": None, "_keep_sigma": False, **state})
+        self._state_keys = self._keys_of(self.name)
 
     def __repr__(self) -> str:
         extra = ", track_sigma=True" if self.track_sigma else ""
@@ -306,7 +322,7 @@ class SpectralNormConv(SpectralNorm):
 
     def _compute(self, layer, weight, u, v, do_power_iteration: bool):
         spec = self.spec
-        if weight.dtype in _LOW_PRECISION:
+        if _is_low_precision(weight.dtype):
             # float32 math (Paddle's CPU convolutions have no half kernels), cast back
             wide, sigma, count = self._compute(layer, weight.astype(paddle.float32), u, v, do_power_iteration)
             return wide.astype(weight.dtype), sigma, count
