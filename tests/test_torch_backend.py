@@ -15,6 +15,7 @@ from torch.nn.utils import spectral_norm as builtin_legacy  # noqa: E402
 
 import dualsn  # noqa: E402
 import dualsn.torch as dt  # noqa: E402
+from dualsn.torch import _cache  # noqa: E402
 from dualsn import spec  # noqa: E402
 from dualsn import reference as numpy_ref  # noqa: E402
 from _numeric import random_array  # noqa: E402
@@ -778,8 +779,17 @@ INVALIDATIONS = [_bump_weight, _data_write, _replace_data, _optimizer_step, _loa
                  _train_forward]
 
 
+@pytest.fixture(params=["numpy view", "torch take"])
+def sample_path(request, monkeypatch):
+    """The cache reads W's sample through a numpy view of its memory (a contiguous CPU W of
+    a numpy dtype), or, where there is none (GPU, bfloat16, strides), with torch.take."""
+    if request.param == "torch take":
+        monkeypatch.setattr(_cache, "_host_flat", lambda weight: None)
+    return request.param
+
+
 @pytest.mark.parametrize("change", INVALIDATIONS, ids=lambda f: f.__name__.strip("_"))
-def test_eval_cache_sees_every_change(change):
+def test_eval_cache_sees_every_change(change, sample_path):
     m = eval_model("paddle")  # no warm-up: a training forward still moves u, v visibly
     before = cached_weight(m)
     expected_before = expected_eval_weight(m)
@@ -790,6 +800,26 @@ def test_eval_cache_sees_every_change(change):
     np.testing.assert_allclose(np_(after), expected, rtol=1e-13)
     assert cached_weight(m) is after  # and the new result is cached in turn
     assert before is not after
+
+
+def test_host_flat_is_a_view_of_the_weight_only_where_numpy_can_have_one():
+    w = torch.arange(12.0, requires_grad=True).reshape(3, 4)
+    flat = _cache._host_flat(w)
+    assert flat.shape == (12,) and np.shares_memory(flat, w.detach().numpy())
+    with torch.no_grad():
+        w.view(-1)[5] = -1.0
+    assert flat[5] == -1.0  # the memory itself, not a copy
+    assert _cache._host_flat(w.t()) is None  # strided: torch.take's logical order instead
+    assert _cache._host_flat(w.to(torch.bfloat16)) is None  # no numpy dtype
+    assert _cache._host_flat(torch.ones(3, dtype=torch.complex64).conj()) is None  # a conjugate view
+    # the bytes compared on a hit are those of the entries take() picks
+    index = _cache._sample_index(w)
+    sample = _cache._Sample(w, index)
+    assert sample.values == torch.take(w, index).detach().numpy().tobytes()
+    assert sample.unchanged(w)
+    with torch.no_grad():
+        w.view(-1)[index[3]] += 1.0
+    assert not sample.unchanged(w)
 
 
 def test_eval_cache_misses_u_written_through_data_alone_unless_turned_off():

@@ -104,11 +104,14 @@ def _write_u(original, u, v):
     u.data.copy_(torch.flip(u.data, (0,)))
 
 
+@pytest.mark.parametrize("host_sample", [True, False], ids=["numpy view", "torch take"])
 @pytest.mark.parametrize("write", [_write_one_unsampled_entry, _write_u])
-def test_invalidate_cache_recomputes_after_an_unseen_write(write):
+def test_invalidate_cache_recomputes_after_an_unseen_write(write, host_sample, monkeypatch):
     """A write the eval cache cannot see leaves the cached output and the kept sigma stale;
     after invalidate_cache the next eval forward and sigma() are W / u^H W v and u^H W v of
     the state as it is now."""
+    if not host_sample:
+        monkeypatch.setattr(_cache, "_host_flat", lambda weight: None)
     m = dt.spectral_norm(Holder(random_array((40, 30), seed=6)), seed=7).eval()
     original, sn = m.parametrizations.weight.original, dt.get_spectral_norm(m)
     with torch.no_grad():

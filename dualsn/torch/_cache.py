@@ -38,20 +38,26 @@ class _EvalCache:
       :func:`invalidate_cache`);
     * the returned tensor's own version counter did not move (the caller did not modify it).
 
-    The check is kept to a few attribute reads and two tensor operations on purpose: an eval
-    forward streams W through the CPU caches, so everything here runs cache-cold.
+    The check is kept to a few attribute reads and one comparison of the sample on purpose:
+    an eval forward streams W through the CPU caches, so everything here runs cache-cold. On
+    the CPU the sample is read through a numpy view of W's memory and compared by its bytes
+    (:class:`_Sample`); elsewhere with two tensor ops.
     """
 
-    __slots__ = ("weight", "u", "v", "storage", "index", "sample", "key", "sigma", "out")
+    __slots__ = ("weight", "u", "v", "storage", "sample", "key", "sigma", "out")
 
     def __init__(self, weight, u, v, sigma) -> None:
         self.weight, self.u, self.v = weight, u, v
         self.storage = weight.untyped_storage()
-        self.index = _sample_index(weight)
-        self.sample = torch.take(weight, self.index)
+        self.sample = _Sample(weight, _sample_index(weight))
         self.sigma = sigma
         self.out = None
         self.key = self._key(weight, u, v, None)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The sampled flat positions of W."""
+        return self.sample.index
 
     @staticmethod
     def _key(weight, u, v, out):
@@ -67,17 +73,62 @@ class _EvalCache:
 
     def valid(self, weight, u, v) -> bool:
         """Whether the cached sigma (and output, if any) still belong to ``weight``, u, v."""
-        return (
-            weight is self.weight
-            and u is self.u
-            and v is self.v
-            and self._key(weight, u, v, self.out) == self.key
-            and torch.equal(torch.take(weight, self.index), self.sample)
+        if weight is not self.weight or u is not self.u or v is not self.v:
+            return False
+        out = self.out
+        key = (  # self._key, written out: one call less on every hit
+            weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version,
+            None if out is None else out._version,
         )
+        if key != self.key:
+            return False
+        sample = self.sample  # _Sample.unchanged, written out: one call less on every hit
+        if sample.host is not None:
+            return sample.host[sample.host_index].tobytes() == sample.values
+        return torch.equal(torch.take(weight, sample.index), sample.values)
 
     def set_output(self, out) -> None:
         self.out = out
         self.key = self._key(self.weight, self.u, self.v, out)
+
+
+class _Sample:
+    """Entries of W at the flat positions ``index``, kept to tell whether W changed where
+    its version counter cannot see (writes through ``.data``).
+
+    For a contiguous CPU W of a dtype numpy has, through a numpy view of W's memory (held:
+    it cannot be reused), compared by bytes: one gather and one memcmp, against two tensor
+    ops (``take``, ``equal``) at about 2 us each. Bytes, not values: an unchanged NaN then
+    counts as unchanged, a 0.0 written over -0.0 as a change (a recompute). Elsewhere (GPU,
+    bfloat16, a strided W) by value, with ``take`` and ``equal``."""
+
+    __slots__ = ("index", "host", "host_index", "values")
+
+    def __init__(self, weight: torch.Tensor, index: torch.Tensor, host_index=None) -> None:
+        self.index = index
+        self.host = _host_flat(weight)
+        if self.host is not None:
+            self.host_index = index.numpy() if host_index is None else host_index
+            self.values = self.host[self.host_index].tobytes()
+        else:
+            self.host_index = None
+            self.values = torch.take(weight, index)
+
+    def unchanged(self, weight: torch.Tensor) -> bool:
+        if self.host is not None:
+            return self.host[self.host_index].tobytes() == self.values
+        return torch.equal(torch.take(weight, self.index), self.values)
+
+
+def _host_flat(weight: torch.Tensor):
+    """A flat numpy view of a contiguous CPU ``weight``'s memory, or None (another device,
+    strides, a dtype numpy lacks, compiling)."""
+    if not weight.is_cpu or _dtypes._is_compiling() or not weight.is_contiguous():
+        return None
+    try:
+        return weight.detach().numpy().reshape(-1)
+    except (RuntimeError, TypeError):  # bfloat16; a conjugate or negative view
+        return None
 
 
 def _sample_index(weight: torch.Tensor) -> torch.Tensor:
@@ -99,12 +150,12 @@ class _SigmaRecord:
     storage, version counters, the 256 sampled entries of W). Once :func:`sigma` has been read, one
     is made on every training forward, so it holds no output and costs one small gather."""
 
-    __slots__ = ("weight", "u", "v", "storage", "key", "index", "sample", "sigma")
+    __slots__ = ("weight", "u", "v", "storage", "key", "sample", "sigma")
 
-    def __init__(self, weight, u, v, sigma, index) -> None:
-        self.weight, self.u, self.v, self.sigma, self.index = weight, u, v, sigma, index
+    def __init__(self, weight, u, v, sigma, index, host_index=None) -> None:
+        self.weight, self.u, self.v, self.sigma = weight, u, v, sigma
         self.storage = weight.untyped_storage()  # held: its address cannot be reused
-        self.sample = torch.take(weight, index)
+        self.sample = _Sample(weight, index, host_index)
         self.key = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
 
     def valid(self, weight, u, v) -> bool:
@@ -114,7 +165,7 @@ class _SigmaRecord:
             and v is self.v
             and (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
             == self.key
-            and torch.equal(torch.take(weight, self.index), self.sample)
+            and self.sample.unchanged(weight)
         )
 
 
@@ -130,7 +181,8 @@ def remember(sn, weight: torch.Tensor, sigma: torch.Tensor) -> None:
     if index is None or index.device != weight.device or attrs["_sample_numel"] != weight.numel():
         index = attrs["_sample_index"] = _sample_index(weight)
         attrs["_sample_numel"] = weight.numel()
-    attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index)
+        attrs["_sample_host_index"] = index.numpy() if index.is_cpu else None
+    attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index, attrs["_sample_host_index"])
 
 
 def kept_sigma(sn, weight: torch.Tensor):

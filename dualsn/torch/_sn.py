@@ -95,6 +95,7 @@ class SpectralNorm(nn.Module):
         self._keep_sigma = False  # set by the first sigma() read: from then on forwards keep a record
         self._sample_index = None  # _SigmaRecord's sample positions, and the size they are for
         self._sample_numel = 0
+        self._sample_host_index = None  # the positions as a numpy array (CPU)
         dtype = _compute_dtype(weight.dtype)
         u = v = u_extra = v_extra = None
         if shapes is not None:
@@ -264,6 +265,13 @@ class SpectralNorm(nn.Module):
         return u.to(like.dtype), v.to(like.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # The eval cache first, outside the error context: a hit computes nothing, and it
+        # runs cache-cold after the layer's pass, where each Python call costs about a
+        # microsecond (issue 14).
+        if not _plain.ENABLED and self._cache is not None:
+            out = _cache.cached_output(self, weight)
+            if out is not None:
+                return out  # eval, nothing changed: the fast path (see _EvalCache)
         try:
             return self._forward(weight)
         except FloatingPointError as error:
@@ -272,9 +280,6 @@ class SpectralNorm(nn.Module):
     def _forward(self, weight: torch.Tensor) -> torch.Tensor:
         if _plain.ENABLED:
             return self._plain_forward(weight)
-        out = _cache.cached_output(self, weight)
-        if out is not None:
-            return out  # eval, nothing changed: the fast path (see _EvalCache)
         with _no_autocast(weight.device.type):
             if self.training or self._u is None or weight.dtype in _LOW_PRECISION:
                 out, sigma = self._compute(weight, self.training)
@@ -305,7 +310,7 @@ class SpectralNorm(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = self._record = self._sample_index = None
+        self._cache = self._record = self._sample_index = self._sample_host_index = None
         before = {name: self._buffers.get(name) for name in _STATE_BUFFERS}
         result = super()._apply(fn, *args, **kwargs)
         if self._u is not None and self._u.dtype in _LOW_PRECISION:
@@ -320,7 +325,7 @@ class SpectralNorm(nn.Module):
     def __getstate__(self):
         # copies and pickles start without a cache or a kept sigma
         state = super().__getstate__()
-        state["_cache"] = state["_record"] = state["_sample_index"] = None
+        state["_cache"] = state["_record"] = state["_sample_index"] = state["_sample_host_index"] = None
         return state
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
