@@ -98,14 +98,13 @@ class _Watched:
         return flat.numpy()
 
     def unchanged(self, tensor) -> bool:
-        # Written out, not through _key and _read: every eval forward runs this three times,
-        # in a CPU cache the layer's own pass has just cleared (issue 14).
-        if tensor is not self.tensor or tensor.data_ptr() != self.key[0] or tensor.inplace_version != self.key[1]:
-            return False
-        view = self.view
-        # the bytes, not the values: one memcmp instead of two numpy ufunc calls (an
-        # unchanged NaN then counts as unchanged, a 0.0 written over -0.0 as a change)
-        return (view if view is not None else self._read()).tobytes() == self.sample
+        return (
+            tensor is self.tensor
+            and self._key(tensor) == self.key
+            # the bytes, not the values: one memcmp instead of two numpy ufunc calls (an
+            # unchanged NaN then counts as unchanged, a 0.0 written over -0.0 as a change)
+            and self._read().tobytes() == self.sample
+        )
 
     def refresh(self, tensor) -> bool:
         """Sample ``tensor`` anew if it is the watched tensor, in the same memory (the host
@@ -157,19 +156,12 @@ class _EvalCache(_SigmaRecord):
     :func:`invalidate_cache` after such a write.
     """
 
-    __slots__ = ("value", "key", "samples")
+    __slots__ = ("value", "value_version")
 
     def __init__(self, weight, u, v, value, sigma=None) -> None:
         super().__init__(weight, u, v, sigma)
         self.value = value
-        # What get() compares, flattened (an _EvalCache is never refreshed): the three
-        # tensors' (memory, inplace version) and the value's inplace version; and where all
-        # three have host views, the views with their bytes, u and v first (small, and the
-        # likelier to differ after a load).
-        watched_weight, watched_u, watched_v = self.watched
-        self.key = watched_weight.key + watched_u.key + watched_v.key + (value.inplace_version,)
-        order = (watched_u, watched_v, watched_weight)
-        self.samples = None if any(w.view is None for w in order) else tuple(x for w in order for x in (w.view, w.sample))
+        self.value_version = value.inplace_version
 
     @property
     def index(self):
@@ -177,30 +169,11 @@ class _EvalCache(_SigmaRecord):
         return self.watched[0].index
 
     def get(self, weight, u, v):
-        """The cached normalized weight if W, u, v (and it) are unchanged, else None.
-
-        One function, with no calls but the tensors' own: every eval forward runs it, in a
-        CPU cache the layer's own pass has just cleared, where each further Python call
-        costs about a microsecond (issue 14: four calls more were 10 us of a 1024 x 1024
-        layer's 160 us forward)."""
-        watched_weight, watched_u, watched_v = self.watched
-        if weight is not watched_weight.tensor or u is not watched_u.tensor or v is not watched_v.tensor:
-            return None
+        """The cached normalized weight if W, u, v (and it) are unchanged, else None."""
         value = self.value
-        key = (
-            weight.data_ptr(), weight.inplace_version, u.data_ptr(), u.inplace_version,
-            v.data_ptr(), v.inplace_version, value.inplace_version,
-        )
-        if key != self.key:
+        if value.inplace_version != self.value_version or not self.valid(weight, u, v):
             return None
-        samples = self.samples
-        if samples is None:  # no host view (not on the CPU): through the watched tensors
-            return value if self.valid(weight, u, v) else None
-        u_view, u_bytes, v_view, v_bytes, w_view, w_bytes = samples
-        # the bytes, not the values (see _Watched.unchanged)
-        if u_view.tobytes() == u_bytes and v_view.tobytes() == v_bytes and w_view.tobytes() == w_bytes:
-            return value
-        return None
+        return value
 
 
 # ---------------------------------------------------------------------------------------------

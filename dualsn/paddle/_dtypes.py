@@ -10,26 +10,21 @@ import paddle
 
 from dualsn import spec as _spec
 
+# Paddle's dtypes are singletons: membership is tested by identity (the ids of the tuples'
+# members, which the tuples keep alive). ``dtype in a_tuple`` compares with ==, about 0.7 us
+# per entry, and every forward asks these questions (issue 14); paddle.is_complex costs more.
 _COMPLEX_DTYPES = (paddle.complex64, paddle.complex128)
+_COMPLEX_IDS = frozenset(map(id, _COMPLEX_DTYPES))
+_LOW_PRECISION = tuple(getattr(paddle, name) for name in _spec.LOW_PRECISION_DTYPES)
+_LOW_PRECISION_IDS = frozenset(map(id, _LOW_PRECISION))
 
 
 def _is_complex(x) -> bool:
-    dtype = x.dtype
-    if dtype is paddle.float32 or dtype is paddle.float64:
-        return False  # the common case, by identity: == on Paddle dtypes costs ~1.5 us
-    return dtype in _COMPLEX_DTYPES  # (paddle.is_complex costs a few microseconds more)
-
-
-_LOW_PRECISION = tuple(getattr(paddle, name) for name in _spec.LOW_PRECISION_DTYPES)
-
-
-_LOW_PRECISION_IDS = frozenset(map(id, _LOW_PRECISION))  # the tuple keeps them alive
+    return id(x.dtype) in _COMPLEX_IDS
 
 
 def _is_low_precision(dtype) -> bool:
-    """Whether ``dtype`` is one of ``_LOW_PRECISION``, by identity (Paddle's dtypes are
-    singletons): ``dtype in _LOW_PRECISION`` compares with ==, about 0.7 us per entry, and
-    every forward asks this of u (issue 14)."""
+    """Whether ``dtype`` is one of ``_LOW_PRECISION``."""
     return id(dtype) in _LOW_PRECISION_IDS
 
 # Paddle: numpy twins of the dtypes, for host-side sigma (_grad._scaled's overflow check,
@@ -73,6 +68,6 @@ def _scalar(value, like):
 def _in_precision(value, dtype):
     """A host number rounded to ``dtype``'s precision, as a tensor computation would give it
     (a float32 sigma of 1e-59 is zero, and then the divisor's floor applies)."""
-    if value is not None and dtype in (paddle.float32, paddle.complex64):
+    if value is not None and (dtype is paddle.float32 or dtype is paddle.complex64):
         return complex(np.complex64(value)) if isinstance(value, complex) else float(np.float32(value))
     return value

@@ -228,9 +228,9 @@ class SpectralNorm:
 
         The conditions of :meth:`_may_cache` and the lookups of :meth:`state` are written out
         here: every eval forward runs this, in a CPU cache the layer's own pass has just
-        cleared, where each Python call costs about a microsecond (issue 14). A layer cast
-        after registration has new u, v tensors, so the cache misses before their dtype
-        matters."""
+        cleared (measured against calling the two: 2-6 us less per forward at 256^2 and
+        1024^2, issue 14). A layer cast after registration has new u, v tensors, so the
+        cache misses before their dtype matters."""
         cache = self._cache
         if cache is None or layer.training or _plain.ENABLED or not paddle.in_dynamic_mode():
             return None

@@ -18,78 +18,8 @@ from dualsn.torch._grad import _divided
 _U, _V = _keys.buffer_name("u"), _keys.buffer_name("v")  # the SN object's u, v buffers
 
 _SAMPLE_RUNS, _RUN_LENGTH = 32, 8
-"""Entries of W compared by value on every cache hit (see :class:`_EvalCache`): 32 runs of 8
+"""Entries of W compared on every cache hit (see :class:`_Sample`): 32 runs of 8
 consecutive ones, 256 in all."""
-
-
-class _EvalCache:
-    """The normalized weight of the last eval forward, and what it was computed from.
-
-    It is valid while W, u and v are unchanged, which :meth:`valid` checks on every use:
-
-    * W, u, v are the same tensor objects, W with the same data pointer, shape and strides
-      (W's storage is held here, so its address cannot be reused by another tensor);
-    * their version counters did not move: every tracked in-place change bumps them
-      (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
-    * 256 entries of W (:func:`_sample_index`) are unchanged by value: writes through
-      ``.data`` bypass the version counter, and this catches whole-tensor ones such as an
-      EMA of the weights written through ``.data`` (u and v written through ``.data`` while
-      W is not changed are not seen: set ``cache_eval = False`` for such code, or call
-      :func:`invalidate_cache`);
-    * the returned tensor's own version counter did not move (the caller did not modify it).
-
-    The check is kept to a few attribute reads and one comparison of the sample on purpose:
-    an eval forward streams W through the CPU caches, so everything here runs cache-cold. On
-    the CPU the sample is read through a numpy view of W's memory and compared by its bytes
-    (:class:`_Sample`); elsewhere with two tensor ops.
-    """
-
-    __slots__ = ("weight", "u", "v", "storage", "sample", "key", "sigma", "out")
-
-    def __init__(self, weight, u, v, sigma) -> None:
-        self.weight, self.u, self.v = weight, u, v
-        self.storage = weight.untyped_storage()
-        self.sample = _Sample(weight, _sample_index(weight))
-        self.sigma = sigma
-        self.out = None
-        self.key = self._key(weight, u, v, None)
-
-    @property
-    def index(self) -> torch.Tensor:
-        """The sampled flat positions of W."""
-        return self.sample.index
-
-    @staticmethod
-    def _key(weight, u, v, out):
-        return (
-            weight._version,
-            weight.data_ptr(),
-            weight.shape,
-            weight.stride(),
-            u._version,
-            v._version,
-            None if out is None else out._version,
-        )
-
-    def valid(self, weight, u, v) -> bool:
-        """Whether the cached sigma (and output, if any) still belong to ``weight``, u, v."""
-        if weight is not self.weight or u is not self.u or v is not self.v:
-            return False
-        out = self.out
-        key = (  # self._key, written out: one call less on every hit
-            weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version,
-            None if out is None else out._version,
-        )
-        if key != self.key:
-            return False
-        sample = self.sample  # _Sample.unchanged, written out: one call less on every hit
-        if sample.host is not None:
-            return sample.host[sample.host_index].tobytes() == sample.values
-        return torch.equal(torch.take(weight, sample.index), sample.values)
-
-    def set_output(self, out) -> None:
-        self.out = out
-        self.key = self._key(self.weight, self.u, self.v, out)
 
 
 class _Sample:
@@ -104,11 +34,11 @@ class _Sample:
 
     __slots__ = ("index", "host", "host_index", "values")
 
-    def __init__(self, weight: torch.Tensor, index: torch.Tensor, host_index=None) -> None:
+    def __init__(self, weight: torch.Tensor, index: torch.Tensor) -> None:
         self.index = index
         self.host = _host_flat(weight)
         if self.host is not None:
-            self.host_index = index.numpy() if host_index is None else host_index
+            self.host_index = index.numpy()
             self.values = self.host[self.host_index].tobytes()
         else:
             self.host_index = None
@@ -152,21 +82,67 @@ class _SigmaRecord:
 
     __slots__ = ("weight", "u", "v", "storage", "key", "sample", "sigma")
 
-    def __init__(self, weight, u, v, sigma, index, host_index=None) -> None:
+    def __init__(self, weight, u, v, sigma, index) -> None:
         self.weight, self.u, self.v, self.sigma = weight, u, v, sigma
         self.storage = weight.untyped_storage()  # held: its address cannot be reused
-        self.sample = _Sample(weight, index, host_index)
-        self.key = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+        self.sample = _Sample(weight, index)
+        self.key = _state_key(weight, u, v)
 
     def valid(self, weight, u, v) -> bool:
         return (
             weight is self.weight
             and u is self.u
             and v is self.v
-            and (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
-            == self.key
+            and _state_key(weight, u, v) == self.key
             and self.sample.unchanged(weight)
         )
+
+
+def _state_key(weight, u, v) -> tuple:
+    """What the version counters and W's memory say of W, u, v."""
+    return (weight._version, weight.data_ptr(), weight.shape, weight.stride(), u._version, v._version)
+
+
+class _EvalCache(_SigmaRecord):
+    """The normalized weight of the last eval forward, and what it was computed from.
+
+    It is valid while W, u and v are unchanged, which :meth:`valid` checks on every use:
+
+    * W, u, v are the same tensor objects, W with the same data pointer, shape and strides
+      (W's storage is held here, so its address cannot be reused by another tensor);
+    * their version counters did not move: every tracked in-place change bumps them
+      (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``);
+    * 256 entries of W (:func:`_sample_index`) are unchanged by value: writes through
+      ``.data`` bypass the version counter, and this catches whole-tensor ones such as an
+      EMA of the weights written through ``.data`` (u and v written through ``.data`` while
+      W is not changed are not seen: set ``cache_eval = False`` for such code, or call
+      :func:`invalidate_cache`);
+    * the returned tensor's own version counter did not move (the caller did not modify it).
+
+    The check is kept to a few attribute reads and one comparison of the sample on purpose:
+    an eval forward streams W through the CPU caches, so everything here runs cache-cold. On
+    the CPU the sample is read through a numpy view of W's memory and compared by its bytes
+    (:class:`_Sample`); elsewhere with two tensor ops.
+    """
+
+    __slots__ = ("out", "out_version")
+
+    def __init__(self, weight, u, v, sigma) -> None:
+        super().__init__(weight, u, v, sigma, _sample_index(weight))
+        self.out = self.out_version = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The sampled flat positions of W."""
+        return self.sample.index
+
+    def valid(self, weight, u, v) -> bool:
+        """Whether the cached sigma (and output, if any) still belong to ``weight``, u, v."""
+        out = self.out
+        return super().valid(weight, u, v) and (out is None or out._version == self.out_version)
+
+    def set_output(self, out) -> None:
+        self.out, self.out_version = out, out._version
 
 
 def remember(sn, weight: torch.Tensor, sigma: torch.Tensor) -> None:
@@ -181,8 +157,7 @@ def remember(sn, weight: torch.Tensor, sigma: torch.Tensor) -> None:
     if index is None or index.device != weight.device or attrs["_sample_numel"] != weight.numel():
         index = attrs["_sample_index"] = _sample_index(weight)
         attrs["_sample_numel"] = weight.numel()
-        attrs["_sample_host_index"] = index.numpy() if index.is_cpu else None
-    attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index, attrs["_sample_host_index"])
+    attrs["_record"] = _SigmaRecord(weight, u, v, sigma, index)
 
 
 def kept_sigma(sn, weight: torch.Tensor):

@@ -95,7 +95,6 @@ class SpectralNorm(nn.Module):
         self._keep_sigma = False  # set by the first sigma() read: from then on forwards keep a record
         self._sample_index = None  # _SigmaRecord's sample positions, and the size they are for
         self._sample_numel = 0
-        self._sample_host_index = None  # the positions as a numpy array (CPU)
         dtype = _compute_dtype(weight.dtype)
         u = v = u_extra = v_extra = None
         if shapes is not None:
@@ -310,7 +309,7 @@ class SpectralNorm(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = self._record = self._sample_index = self._sample_host_index = None
+        self._cache = self._record = self._sample_index = None
         before = {name: self._buffers.get(name) for name in _STATE_BUFFERS}
         result = super()._apply(fn, *args, **kwargs)
         if self._u is not None and self._u.dtype in _LOW_PRECISION:
@@ -325,7 +324,7 @@ class SpectralNorm(nn.Module):
     def __getstate__(self):
         # copies and pickles start without a cache or a kept sigma
         state = super().__getstate__()
-        state["_cache"] = state["_record"] = state["_sample_index"] = state["_sample_host_index"] = None
+        state["_cache"] = state["_record"] = state["_sample_index"] = None
         return state
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
